@@ -1,0 +1,11 @@
+"""Intra-Fusion on top of torch-pruning: structured pruning that fuses pruned channels into kept ones."""
+from .bn_folding import FOLD_MODES, fold_batchnorms
+from .fusion import FUSION_RULES, channel_features, group_members, identity_map, transport_maps
+from .groups import GroupInfo, list_groups
+from .importance import CRITERIA, build_importance
+from .optimal_transport import OptimalTransport
+from .pruner import GroupResult, IntraFusionPruner
+
+__all__ = ["CRITERIA", "FOLD_MODES", "FUSION_RULES", "GroupInfo", "GroupResult", "IntraFusionPruner",
+           "OptimalTransport", "build_importance", "channel_features", "fold_batchnorms", "group_members",
+           "identity_map", "list_groups", "transport_maps"]

@@ -1,0 +1,104 @@
+"""Fold BatchNorm into the Conv/Linear that feeds it (the paper's ``merge_bn``).
+
+After folding, every channel's scale lives in the weights, so magnitude importance and the
+transport cost see the channel as the network uses it. The BN stays in the graph as an identity
+(eval mode), which keeps module names and torch-pruning's groups unchanged.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch_pruning as tp
+
+FOLD_MODES = ("exact", "reference")
+_FOLDABLE_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Linear)
+_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
+
+
+@dataclass(frozen=True)
+class FoldedPair:
+    layer: str
+    batchnorm: str
+
+
+def _out_features(layer: nn.Module) -> int:
+    return layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
+
+
+def foldable_pairs(graph: tp.DependencyGraph) -> list[tuple[nn.Module, nn.Module]]:
+    """(layer, bn) pairs where the BN's only input is the layer and the layer feeds only that BN."""
+    pairs = []
+    for module, node in graph.module2node.items():
+        if not isinstance(module, _BATCHNORMS) or len(node.inputs) != 1:
+            continue
+        producer = node.inputs[0]
+        layer = producer.module
+        if (isinstance(layer, _FOLDABLE_LAYERS) and not getattr(layer, "transposed", False)
+                and len(producer.outputs) == 1 and _out_features(layer) == module.num_features):
+            pairs.append((layer, module))
+    return pairs
+
+
+@torch.no_grad()
+def fold_batchnorm_into(layer: nn.Module, bn: nn.modules.batchnorm._BatchNorm, mode: str = "exact") -> None:
+    """Fold one BN into `layer` and reset the BN to identity.
+
+    "exact" uses sqrt(var + eps) and resets var to 1 - eps, so eval-mode outputs are unchanged.
+    "reference" reproduces the released code: sqrt(var) without eps, var reset to 1.
+    """
+    if mode not in FOLD_MODES:
+        raise ValueError(f"unknown BatchNorm fold mode {mode!r}; choose one of: {', '.join(FOLD_MODES)}")
+    if bn.running_mean is None or bn.running_var is None:
+        raise ValueError(f"cannot fold {bn}: it tracks no running statistics")
+    variance = bn.running_var + bn.eps if mode == "exact" else bn.running_var
+    gamma = bn.weight if bn.affine else torch.ones_like(bn.running_mean)
+    beta = bn.bias if bn.affine else torch.zeros_like(bn.running_mean)
+    scale = gamma / torch.sqrt(variance)
+    shape = (-1,) + (1,) * (layer.weight.dim() - 1)
+    layer.weight.mul_(scale.view(shape).to(layer.weight.dtype))
+    old_bias = layer.bias if layer.bias is not None else torch.zeros_like(bn.running_mean)
+    new_bias = (old_bias - bn.running_mean) * scale + beta
+    if layer.bias is None:
+        layer.bias = nn.Parameter(new_bias.to(layer.weight.dtype))
+    else:
+        layer.bias.copy_(new_bias)
+    bn.running_mean.zero_()
+    bn.running_var.fill_(1.0 - bn.eps if mode == "exact" else 1.0)
+    if bn.affine:
+        bn.weight.fill_(1.0)
+        bn.bias.zero_()
+
+
+def fold_batchnorms(model: nn.Module, example_inputs, mode: str = "exact",
+                    graph: tp.DependencyGraph | None = None) -> list[FoldedPair]:
+    """Fold every foldable BN of `model` in place; returns the (layer, bn) names that were folded.
+
+    A BN is folded only when its single input is a Conv1d/Conv2d/Linear feeding nothing else, so a
+    BN after a residual addition or a pre-activation BN is left alone.
+    """
+    if mode not in FOLD_MODES:
+        raise ValueError(f"unknown BatchNorm fold mode {mode!r}; choose one of: {', '.join(FOLD_MODES)}")
+    if graph is None:
+        graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs, verbose=False)
+    names = {module: name for name, module in model.named_modules()}
+    folded = []
+    for layer, bn in foldable_pairs(graph):
+        fold_batchnorm_into(layer, bn, mode)
+        folded.append(FoldedPair(names[layer], names[bn]))
+    return folded
+
+
+def is_channel_uniform(bn: nn.Module) -> bool:
+    """True when a BN scales every channel alike and shifts none (eval mode), e.g. after folding.
+
+    Such a BN commutes with mixing channels, so fusion may simply slice it.
+    """
+    if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or bn.running_var is None:
+        return False
+    gamma = bn.weight if bn.affine else torch.ones_like(bn.running_var)
+    beta = bn.bias if bn.affine else torch.zeros_like(bn.running_var)
+    scale = gamma / torch.sqrt(bn.running_var + bn.eps)
+    shift = beta - bn.running_mean * scale
+    return bool(torch.all(scale == scale[0]) and torch.all(shift == 0))

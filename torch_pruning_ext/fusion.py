@@ -1,0 +1,182 @@
+"""Transport-map compression of a torch-pruning group.
+
+The fused values are written into the rows/columns of the channels that stay; the stock
+``group.prune()`` of torch-pruning then slices them out unchanged. So any map works with
+unmodified upstream torch-pruning, and the identity map reproduces plain pruning bit for bit.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch_pruning as tp
+from torch_pruning.pruner import function as F
+
+from .bn_folding import is_channel_uniform
+
+FUSION_RULES = ("reference", "function_preserving")
+
+_PRODUCER_FNS = {F.prune_conv_out_channels, F.prune_linear_out_channels,
+                 F.prune_depthwise_conv_out_channels, F.prune_depthwise_conv_in_channels}
+_CONSUMER_FNS = {F.prune_conv_in_channels, F.prune_linear_in_channels}
+_BN_FNS = {F.prune_batchnorm_out_channels, F.prune_batchnorm_in_channels}
+
+
+@dataclass
+class Member:
+    """One parameterised layer of a group and where each group channel sits in it.
+
+    positions[c] lists the indices along the pruned dimension that belong to group channel c
+    (more than one when a flatten replicates a channel into several Linear inputs).
+    """
+    name: str
+    module: nn.Module
+    role: str  # "producer" (out-channel rows), "consumer" (in-channel columns) or "slice" (identity BN)
+    positions: torch.Tensor  # (n, replicas) long
+
+
+class UnsupportedGroup(Exception):
+    """The group has a member whose channels cannot be mixed; the message names it."""
+
+
+def _positions(idxs, root_idxs, n: int, name: str) -> torch.Tensor:
+    if any(r is None for r in root_idxs):
+        raise UnsupportedGroup(f"{name}: channels without a root index")
+    per_channel: list[list[int]] = [[] for _ in range(n)]
+    for idx, root in zip(idxs, root_idxs):
+        per_channel[root].append(int(idx))
+    counts = {len(p) for p in per_channel}
+    if len(counts) != 1 or 0 in counts:
+        raise UnsupportedGroup(f"{name}: group channels map to unequal numbers of positions")
+    return torch.tensor([sorted(p) for p in per_channel], dtype=torch.long)
+
+
+def group_members(group, n: int, names: dict) -> list[Member]:
+    """Classify the group's items; raises UnsupportedGroup naming any member fusion cannot mix."""
+    members = []
+    for item in group.items:
+        dep, module, fn = item.dep, item.dep.target.module, item.dep.handler
+        name = names.get(module, str(module))
+        if isinstance(module, nn.Parameter):
+            raise UnsupportedGroup(f"{name}: a bare nn.Parameter")
+        if fn not in _BN_FNS and next(module.parameters(recurse=False), None) is None:
+            continue  # reshape/add/concat/output nodes carry no weights
+        if getattr(module, "transposed", False):
+            raise UnsupportedGroup(f"{name}: transposed convolution")
+        positions = _positions(item.idxs, item.root_idxs, n, name)
+        if fn in _PRODUCER_FNS:
+            role = "producer"
+        elif fn in _CONSUMER_FNS:
+            if isinstance(module, nn.modules.conv._ConvNd) and module.groups != 1:
+                raise UnsupportedGroup(f"{name}: grouped convolution (groups={module.groups}) input")
+            role = "consumer"
+        elif fn in _BN_FNS:
+            if not is_channel_uniform(module):
+                raise UnsupportedGroup(f"{name}: BatchNorm that is not folded (not channel-uniform)")
+            role = "slice"
+        else:
+            raise UnsupportedGroup(f"{name}: {type(module).__name__} via {getattr(fn, '__name__', fn)}")
+        members.append(Member(name, module, role, positions))
+    return members
+
+
+def _rows(member: Member, tensor: torch.Tensor) -> torch.Tensor:
+    """(n, replicas, rest) view of a weight's channel slices along its pruned dimension."""
+    dim = 0 if member.role == "producer" else 1
+    moved = tensor.movedim(dim, 0)
+    picked = moved[member.positions.flatten()]
+    return picked.reshape(member.positions.shape[0], member.positions.shape[1], -1)
+
+
+def channel_features(members: list[Member]) -> torch.Tensor:
+    """Feature vector per channel: producer weight rows and consumer weight columns, concatenated.
+
+    Biases and BN members are not included (SPEC 5.1).
+    """
+    parts = [_rows(m, m.module.weight.detach()).flatten(1) for m in members if m.role != "slice"]
+    if not parts:
+        raise UnsupportedGroup("the group has no Conv/Linear weights to describe its channels")
+    return torch.cat(parts, dim=1)
+
+
+def transport_maps(coupling: torch.Tensor, rule: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(producer_map, consumer_map), each k x n, from a coupling G (n x k).
+
+    reference: T = G^T with every column divided by its source mass (each source sums to 1),
+    used on both sides, so k kept rows are sums of sources.
+    function_preserving: producers take the row-normalised map (mass-weighted average of the
+    channels merged into each target), consumers the column-normalised one (their sum), so exact
+    twin channels are merged without changing the network's function.
+    """
+    if rule not in FUSION_RULES:
+        raise ValueError(f"unknown fusion rule {rule!r}; choose one of: {', '.join(FUSION_RULES)}")
+    plan = coupling.t()
+    source_mass = plan.sum(dim=0, keepdim=True)
+    by_source = torch.where(source_mass > 0, plan / torch.where(source_mass > 0, source_mass, 1), 0)
+    if rule == "reference":
+        return by_source, by_source
+    target_mass = plan.sum(dim=1, keepdim=True)
+    by_target = torch.where(target_mass > 0, plan / torch.where(target_mass > 0, target_mass, 1), 0)
+    return by_target, by_source
+
+
+def identity_map(n: int, kept: torch.Tensor) -> torch.Tensor:
+    """The k x n map that keeps each kept channel as it is: fusion with it equals plain pruning."""
+    out = torch.zeros(len(kept), n, dtype=torch.float64)
+    out[torch.arange(len(kept)), kept] = 1.0
+    return out
+
+
+@torch.no_grad()
+def _mix_into(member: Member, tensor: torch.Tensor, mix: torch.Tensor, kept: torch.Tensor) -> None:
+    """Write mix @ (channel slices of tensor) into the slices of the kept channels, in place."""
+    dim = 0 if member.role == "producer" or tensor.dim() == 1 else 1
+    rows = _rows(member, tensor) if tensor.dim() > 1 else tensor[member.positions.flatten()].view(
+        member.positions.shape[0], member.positions.shape[1], 1)
+    fused = torch.einsum("jn,nrd->jrd", mix.to(tensor.dtype), rows)
+    target = member.positions[kept].flatten()
+    moved = tensor.movedim(dim, 0)
+    moved[target] = fused.reshape((len(target),) + moved.shape[1:])
+
+
+def fuse_members(members: list[Member], kept: torch.Tensor, producer_map: torch.Tensor,
+                 consumer_map: torch.Tensor) -> None:
+    """Apply the maps to every Conv/Linear member (weights, biases and their gradients)."""
+    for member in members:
+        if member.role == "slice":
+            continue
+        mix = producer_map if member.role == "producer" else consumer_map
+        params = [member.module.weight]
+        if member.role == "producer" and member.module.bias is not None:
+            params.append(member.module.bias)
+        for param in params:
+            _mix_into(member, param.data, mix, kept)
+            if param.grad is not None:
+                _mix_into(member, param.grad, mix, kept)
+
+
+@torch.no_grad()
+def zero_channels(members: list[Member], pruned: torch.Tensor) -> None:
+    """Zero the pruned channels' rows, biases and columns (dimensionality-preserving pruning)."""
+    for member in members:
+        if member.role == "slice":
+            continue
+        where = member.positions[pruned].flatten()
+        if member.role == "producer":
+            member.module.weight.data[where] = 0
+            if member.module.bias is not None:
+                member.module.bias.data[where] = 0
+        else:
+            member.module.weight.data[:, where] = 0
+
+
+def group_root(group) -> tuple[nn.Module, object]:
+    return group[0].dep.target.module, group[0].dep.handler
+
+
+def prune_channels(graph: tp.DependencyGraph, group, pruned: list[int]) -> None:
+    """Slice out `pruned` channels of the group with torch-pruning's own handlers."""
+    if pruned:
+        module, fn = group_root(group)
+        graph.get_pruning_group(module, fn, sorted(pruned)).prune()

@@ -1,0 +1,97 @@
+"""Group numbering of the paper (SPEC section 2) and a readable listing of a model's groups.
+
+torch-pruning enumerates groups in trace order; the paper walks ``named_modules()`` backwards, so
+group 0 is the one nearest the output. Numbers must match the paper for its tables to make sense.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch_pruning as tp
+
+ROOT_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
+
+
+@dataclass
+class GroupInfo:
+    index: int
+    root: str
+    channels: int
+    members: list[tuple[str, str]]  # (layer name, "out" | "in")
+
+    def describe(self) -> str:
+        parts = ", ".join(f"{name} ({side})" for name, side in self.members)
+        return f"[{self.index}] {self.root}: {self.channels} channels; {parts}"
+
+
+def output_layers(graph: tp.DependencyGraph) -> list[nn.Module]:
+    """Conv/Linear layers whose out-channels reach a model output without another Conv/Linear."""
+    found = []
+    for module, node in graph.module2node.items():
+        if not isinstance(module, ROOT_TYPES):
+            continue
+        pending, seen = [node], set()
+        while pending:
+            current = pending.pop()
+            if current in seen:
+                continue
+            seen.add(current)
+            if not current.outputs or current.type == tp.ops.OPTYPE.OUTPUT:
+                found.append(module)
+                break
+            pending.extend(nxt for nxt in current.outputs if not isinstance(nxt.module, ROOT_TYPES))
+    return found
+
+
+def numbered_roots(model: nn.Module, graph: tp.DependencyGraph, ignored_layers) -> list[nn.Module]:
+    """Root layers of the numbered groups, index = position in the list (0 nearest the output)."""
+    ignored = set(ignored_layers)
+    covered: set[nn.Module] = set()
+    roots = []
+    for _, module in reversed(list(model.named_modules())):
+        if not isinstance(module, ROOT_TYPES) or module in covered or module not in graph.module2node:
+            continue
+        pruner = graph.get_pruner_of_module(module)
+        if pruner is None or pruner.get_out_channels(module) is None:
+            continue
+        group = graph.get_pruning_group(module, pruner.prune_out_channels,
+                                        list(range(pruner.get_out_channels(module))))
+        outs = [item.dep.target.module for item in group.items
+                if graph.is_out_channel_pruning_fn(item.dep.handler)]
+        covered.update(outs)
+        if not any(layer in ignored for layer in outs):
+            roots.append(module)
+    return roots
+
+
+def full_group(graph: tp.DependencyGraph, root: nn.Module):
+    """The group of `root`'s out-channels with all of its current channels."""
+    pruner = graph.get_pruner_of_module(root)
+    channels = pruner.get_out_channels(root)
+    return graph.get_pruning_group(root, pruner.prune_out_channels, list(range(channels)))
+
+
+def describe_groups(model: nn.Module, graph: tp.DependencyGraph, roots) -> list[GroupInfo]:
+    names = {module: name for name, module in model.named_modules()}
+    infos = []
+    for index, root in enumerate(roots):
+        group = full_group(graph, root)
+        members = []
+        for item in group.items:
+            layer = item.dep.target.module
+            if isinstance(layer, nn.Module) and next(layer.parameters(recurse=False), None) is not None \
+                    or isinstance(layer, nn.modules.batchnorm._BatchNorm):
+                side = "out" if graph.is_out_channel_pruning_fn(item.dep.handler) else "in"
+                members.append((names.get(layer, type(layer).__name__), side))
+        infos.append(GroupInfo(index, names[root], len(group[0].idxs), members))
+    return infos
+
+
+def list_groups(model: nn.Module, example_inputs: torch.Tensor, ignored_layers=None) -> list[GroupInfo]:
+    """Index, root layer, member layers and channel count of every numbered group of `model`."""
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs, verbose=False)
+    if ignored_layers is None:
+        ignored_layers = output_layers(graph)
+    return describe_groups(model, graph, numbered_roots(model, graph, ignored_layers))

@@ -1,0 +1,104 @@
+"""CIFAR-style VGG11-BN and ResNet18 with the module names of the released checkpoints.
+
+The module layout (``features.N``, ``layerK.B.shortcut.0``, ``linear`` ...) is what the group
+numbering of the paper and the released ``model_state_dict`` files depend on, so it is fixed.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+VGG11_CONFIG = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
+
+
+class VGG(nn.Module):
+    """VGG with BatchNorm for 3x32x32 inputs: ``features`` then one ``classifier`` Linear."""
+
+    def __init__(self, config=VGG11_CONFIG, num_classes: int = 10):
+        super().__init__()
+        layers: list[nn.Module] = []
+        in_channels = 3
+        for item in config:
+            if item == "M":
+                layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+            else:
+                layers += [nn.Conv2d(in_channels, item, kernel_size=3, padding=1),
+                           nn.BatchNorm2d(item), nn.ReLU(inplace=True)]
+                in_channels = item
+        layers.append(nn.AvgPool2d(kernel_size=1, stride=1))
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Linear(in_channels, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.features(x)
+        return self.classifier(out.view(out.size(0), -1))
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convs with a residual connection; a 1x1 conv shortcut when the shape changes."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, kernel_size=3, stride=stride, padding=1)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, kernel_size=3, stride=1, padding=1)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_planes, planes, kernel_size=1, stride=stride),
+                nn.BatchNorm2d(planes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    """ResNet for 3x32x32 inputs: stem, four stages of BasicBlocks, 4x4 average pool, ``linear``."""
+
+    def __init__(self, num_blocks=(2, 2, 2, 2), num_classes: int = 10):
+        super().__init__()
+        self.in_planes = 64
+        self.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.layer1 = self._make_layer(64, num_blocks[0], stride=1)
+        self.layer2 = self._make_layer(128, num_blocks[1], stride=2)
+        self.layer3 = self._make_layer(256, num_blocks[2], stride=2)
+        self.layer4 = self._make_layer(512, num_blocks[3], stride=2)
+        self.linear = nn.Linear(512, num_classes)
+
+    def _make_layer(self, planes: int, count: int, stride: int) -> nn.Sequential:
+        blocks = []
+        for block_stride in [stride] + [1] * (count - 1):
+            blocks.append(BasicBlock(self.in_planes, planes, block_stride))
+            self.in_planes = planes
+        return nn.Sequential(*blocks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
+        out = F.avg_pool2d(out, 4)
+        return self.linear(out.view(out.size(0), -1))
+
+
+def vgg11_bn(num_classes: int = 10) -> VGG:
+    return VGG(VGG11_CONFIG, num_classes)
+
+
+def resnet18(num_classes: int = 10) -> ResNet:
+    return ResNet((2, 2, 2, 2), num_classes)
+
+
+MODEL_BUILDERS = {"vgg11_bn": vgg11_bn, "resnet18": resnet18}
+
+
+def build_model(name: str, num_classes: int) -> nn.Module:
+    """Build a model by name; raises ValueError naming the allowed names."""
+    if name not in MODEL_BUILDERS:
+        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(MODEL_BUILDERS)}")
+    if int(num_classes) < 1:
+        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+    return MODEL_BUILDERS[name](int(num_classes))

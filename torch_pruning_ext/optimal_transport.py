@@ -1,0 +1,99 @@
+"""The optimal-transport coupling between a group's channels and the channels that stay.
+
+Intra-Fusion moves every channel's mass (pruned ones included) onto the k remaining channels along
+the cheapest plan, so the information of pruned channels is merged instead of dropped.
+"""
+from __future__ import annotations
+
+import numpy as np
+import ot
+import torch
+
+PROBABILITIES = ("uniform", "importance")
+TARGETS = ("most_important", "cluster_centroid")
+SOLVERS = ("emd", "sinkhorn")
+
+
+def _check_choice(name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"unknown {name} {value!r}; choose one of: {', '.join(map(str, allowed))}")
+
+
+def _marginal(weights: np.ndarray | None, size: int) -> np.ndarray:
+    """A float64 probability vector; uniform when the weights are absent, all zero or not finite."""
+    if weights is not None:
+        weights = np.clip(np.asarray(weights, dtype=np.float64), 0.0, None)
+        total = weights.sum()
+        if np.isfinite(total) and total > 0:
+            return weights / total
+    return np.full(size, 1.0 / size, dtype=np.float64)
+
+
+def _unit_rows(vectors: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return np.divide(vectors, norms, out=np.zeros_like(vectors), where=norms > 0)
+
+
+class OptimalTransport:
+    """Computes the coupling G (n x k) between all n channels and the k targets.
+
+    p: order of the p-norm distance used as transport cost (p=1 in the paper).
+    source_prob / target_prob: "uniform" or "importance" (mass proportional to importance).
+    target: "most_important" (the kept channels) or "cluster_centroid" (k spherical GMM means).
+    solver: "emd" (exact, as in the paper) or "sinkhorn" (entropic, for very large groups).
+    """
+
+    def __init__(self, p: float = 1, source_prob: str = "uniform", target_prob: str = "uniform",
+                 target: str = "most_important", solver: str = "emd", sinkhorn_reg: float = 0.01):
+        if not (isinstance(p, (int, float)) and p > 0):
+            raise ValueError(f"p must be a positive number, got {p!r}")
+        _check_choice("source_prob", source_prob, PROBABILITIES)
+        _check_choice("target_prob", target_prob, PROBABILITIES)
+        _check_choice("target", target, TARGETS)
+        _check_choice("solver", solver, SOLVERS)
+        if not sinkhorn_reg > 0:
+            raise ValueError(f"sinkhorn_reg must be positive, got {sinkhorn_reg!r}")
+        self.p, self.source_prob, self.target_prob = p, source_prob, target_prob
+        self.target, self.solver, self.sinkhorn_reg = target, solver, sinkhorn_reg
+
+    def __repr__(self) -> str:
+        return (f"OptimalTransport(p={self.p}, source_prob={self.source_prob!r}, target_prob="
+                f"{self.target_prob!r}, target={self.target!r}, solver={self.solver!r})")
+
+    def targets(self, features: np.ndarray, kept: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Target vectors (k x d) and, for cluster centroids, each channel's cluster label."""
+        if self.target == "most_important":
+            return features[kept], np.full(len(features), -1)
+        from sklearn.mixture import GaussianMixture
+        mixture = GaussianMixture(n_components=len(kept), covariance_type="spherical", random_state=0)
+        labels = mixture.fit(features).predict(features)
+        return mixture.means_, labels
+
+    def coupling(self, features: torch.Tensor, importance: torch.Tensor | None,
+                 kept: torch.Tensor) -> torch.Tensor:
+        """Return G (float64, n x k): G[i, j] is the mass moved from channel i to target j."""
+        vectors = features.detach().double().cpu().numpy()
+        kept_np = np.asarray(kept.cpu(), dtype=np.int64)
+        n, k = len(vectors), len(kept_np)
+        if not np.all(np.isfinite(vectors)):
+            raise ValueError("channel feature vectors contain NaN or inf; check the model's weights")
+        scores = None if importance is None else importance.detach().double().cpu().numpy()
+        target_vectors, labels = self.targets(vectors, kept_np)
+        source = _marginal(scores if self.source_prob == "importance" else None, n)
+        if self.target_prob == "importance" and scores is not None:
+            if self.target == "most_important":
+                target_scores = scores[kept_np]
+            else:
+                target_scores = np.array([scores[labels == j].sum() for j in range(k)])
+            target_mass = _marginal(target_scores, k)
+        else:
+            target_mass = _marginal(None, k)
+        cost = torch.cdist(torch.from_numpy(_unit_rows(vectors)),
+                           torch.from_numpy(_unit_rows(np.asarray(target_vectors, dtype=np.float64))),
+                           p=float(self.p)).numpy()
+        if self.solver == "emd":
+            plan = ot.emd(source, target_mass, cost)
+        else:
+            scaled = cost / cost.max() if cost.max() > 0 else cost
+            plan = ot.sinkhorn(source, target_mass, scaled, self.sinkhorn_reg, method="sinkhorn_log")
+        return torch.from_numpy(np.asarray(plan, dtype=np.float64))

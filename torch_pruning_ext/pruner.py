@@ -1,0 +1,187 @@
+"""Prune numbered groups one after another, with default pruning or Intra-Fusion.
+
+Each group's importance is computed after the previous groups were fused and pruned (SPEC 2),
+so pruning several groups in one call equals pruning them in sequence.
+"""
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch_pruning as tp
+
+from .bn_folding import FOLD_MODES, FoldedPair, fold_batchnorms
+from .fusion import (UnsupportedGroup, channel_features, fuse_members, group_members,
+                     prune_channels, transport_maps, zero_channels, FUSION_RULES)
+from .groups import GroupInfo, describe_groups, full_group, numbered_roots, output_layers
+from .importance import build_importance, needs_data
+from .optimal_transport import OptimalTransport
+
+
+@dataclass
+class GroupResult:
+    """What happened to one group: which channels went, whether they were fused, and timings."""
+    group: int
+    channels: int
+    pruned: list[int]
+    fused: bool
+    fallback_reason: str | None = None
+    seconds: dict = field(default_factory=dict)
+
+
+def kept_count(channels: int, sparsity: float) -> int:
+    """k = int(n * (1 - s)) as in the released code, but never fewer than one channel."""
+    return max(1, int(channels * (1 - sparsity)))
+
+
+def check_sparsity(sparsity) -> float:
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not math.isfinite(sparsity) \
+            or not 0 <= sparsity < 1:
+        raise ValueError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
+    return float(sparsity)
+
+
+class IntraFusionPruner:
+    """Structured pruning of numbered groups, optionally fusing pruned channels by optimal transport.
+
+    model: pruned in place. example_inputs: a batch used to trace the dependency graph.
+    importance: criterion name (see importance.CRITERIA) or a torch-pruning Importance.
+    ignored_layers: layers whose out-channels are never pruned (default: those feeding the output).
+    fold_bn: "exact", "reference" (the released code's fold) or None (do not fold).
+    calibration_batches: (inputs, labels) batches for data-driven criteria (taylor, chip).
+    """
+
+    def __init__(self, model: nn.Module, example_inputs: torch.Tensor, importance="l1",
+                 ignored_layers=None, fold_bn: str | None = "exact", calibration_batches=None):
+        if fold_bn is not None and fold_bn not in FOLD_MODES:
+            raise ValueError(f"unknown fold_bn {fold_bn!r}; choose one of: {', '.join(FOLD_MODES)}, or None")
+        self.model = model
+        self.importance = build_importance(importance)
+        if needs_data(self.importance) and not calibration_batches:
+            raise ValueError(f"importance {importance!r} needs calibration_batches (inputs, labels)")
+        self.calibration_batches = calibration_batches or []
+        was_training = model.training
+        model.eval()  # tracing in train mode would update BatchNorm statistics
+        try:
+            self.graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs, verbose=False)
+        finally:
+            model.train(was_training)
+        self.folded: list[FoldedPair] = (fold_batchnorms(model, example_inputs, fold_bn, graph=self.graph)
+                                         if fold_bn else [])
+        if ignored_layers is None:
+            ignored_layers = output_layers(self.graph)
+        self.roots = numbered_roots(model, self.graph, ignored_layers)
+        self.names = {module: name for name, module in model.named_modules()}
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.roots)
+
+    def groups(self) -> list[GroupInfo]:
+        return describe_groups(self.model, self.graph, self.roots)
+
+    def _check_indices(self, group_indices) -> list[int]:
+        if group_indices == "all" or group_indices is None:
+            return list(range(self.num_groups))
+        indices = [group_indices] if isinstance(group_indices, int) else list(group_indices)
+        for index in indices:
+            if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < self.num_groups:
+                raise ValueError(f"group index {index!r} is not in the model: valid indices are "
+                                 f"0..{self.num_groups - 1}")
+        return indices
+
+    def _scores(self, group) -> torch.Tensor:
+        if needs_data(self.importance):
+            self.importance.prepare(self.model, group, self.calibration_batches)
+        scores = self.importance(group)
+        if scores is None:
+            raise ValueError(f"importance {type(self.importance).__name__} gave no score for group rooted at "
+                             f"{self.names.get(group[0].dep.target.module)}")
+        return scores.detach().float().cpu()
+
+    def prune(self, group_indices="all", sparsity: float = 0.5, transport: OptimalTransport | None = None,
+              fusion_rule: str = "reference", dimensionality_preserving: bool = False,
+              global_pruning: bool = False) -> list[GroupResult]:
+        """Prune the selected groups (in the order given) at `sparsity`.
+
+        transport=None gives default pruning. global_pruning ranks the channels of all selected
+        groups together (scores computed before any pruning) and removes `sparsity` of them overall.
+        """
+        sparsity = check_sparsity(sparsity)
+        indices = self._check_indices(group_indices)
+        if transport is not None and not isinstance(transport, OptimalTransport):
+            raise TypeError(f"transport must be an OptimalTransport or None, got {type(transport).__name__}")
+        if fusion_rule not in FUSION_RULES:
+            raise ValueError(f"unknown fusion rule {fusion_rule!r}; choose one of: {', '.join(FUSION_RULES)}")
+        plan = self._global_plan(indices, sparsity) if global_pruning else {}
+        results = []
+        for index in indices:
+            results.append(self._prune_group(index, sparsity, transport, fusion_rule,
+                                             dimensionality_preserving, plan.get(index)))
+        return results
+
+    def _global_plan(self, indices, sparsity) -> dict[int, list[int]]:
+        scores = {index: self._scores(full_group(self.graph, self.roots[index])) for index in indices}
+        flat = torch.cat([scores[i] for i in indices])
+        budget = int(len(flat) * sparsity)
+        threshold = flat.sort().values[budget - 1] if budget > 0 else -math.inf
+        plan = {}
+        for index in indices:
+            order = scores[index].argsort()
+            count = min(int((scores[index] <= threshold).sum()), len(order) - 1)
+            plan[index] = order[:count].tolist()
+        return plan
+
+    def _prune_group(self, index, sparsity, transport, rule, keep_shape, planned) -> GroupResult:
+        seconds = {}
+        started = time.perf_counter()
+        group = full_group(self.graph, self.roots[index])
+        n = len(group[0].idxs)
+        check_finite_group(group, self.names)
+        if planned is None:
+            scores = self._scores(group)
+            pruned = scores.argsort()[: n - kept_count(n, sparsity)].tolist()
+        else:
+            scores, pruned = (self._scores(group) if transport is not None else None), planned
+        seconds["importance"] = time.perf_counter() - started
+        kept = torch.tensor(sorted(set(range(n)) - set(pruned)), dtype=torch.long)
+        result = GroupResult(index, n, sorted(pruned), fused=False, seconds=seconds)
+        if pruned and transport is not None:
+            try:
+                members = group_members(group, n, self.names)
+            except UnsupportedGroup as reason:
+                result.fallback_reason = str(reason)
+                warnings.warn(f"group {index} (root {self.names[self.roots[index]]}) cannot be fused because "
+                              f"of {reason}; it is pruned without fusion", stacklevel=3)
+            else:
+                started = time.perf_counter()
+                coupling = transport.coupling(channel_features(members), scores, kept)
+                producer_map, consumer_map = transport_maps(coupling, rule)
+                seconds["transport"] = time.perf_counter() - started
+                started = time.perf_counter()
+                fuse_members(members, kept, producer_map, consumer_map)
+                seconds["fusion"] = time.perf_counter() - started
+                result.fused = True
+        started = time.perf_counter()
+        if keep_shape:
+            zero_channels(group_members(group, n, self.names) if pruned else [], torch.tensor(pruned))
+        else:
+            prune_channels(self.graph, group, pruned)
+        seconds["slicing"] = time.perf_counter() - started
+        if needs_data(self.importance):
+            self.model.zero_grad(set_to_none=True)
+        return result
+
+
+def check_finite_group(group, names) -> None:
+    for item in group.items:
+        module = item.dep.target.module
+        if isinstance(module, nn.Module):
+            for pname, param in module.named_parameters(recurse=False):
+                if not torch.isfinite(param).all():
+                    raise ValueError(f"{names.get(module, module)}.{pname} contains NaN or inf values; "
+                                     "cannot prune it")
