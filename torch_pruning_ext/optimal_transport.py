@@ -95,5 +95,6 @@ class OptimalTransport:
             plan = ot.emd(source, target_mass, cost)
         else:
             scaled = cost / cost.max() if cost.max() > 0 else cost
-            plan = ot.sinkhorn(source, target_mass, scaled, self.sinkhorn_reg, method="sinkhorn_log")
+            plan = ot.sinkhorn(source, target_mass, scaled, self.sinkhorn_reg, method="sinkhorn_log",
+                               numItermax=20000, stopThr=1e-9)
         return torch.from_numpy(np.asarray(plan, dtype=np.float64))
