@@ -120,7 +120,7 @@ def main(argv=None) -> int:
             loss.backward()
             optimizer.step()
             total_loss += loss.item()
-            bar.set_postfix(loss=f"{total_loss / (step + 1):.4f}")
+            bar.set_postfix(loss=f"{total_loss / (step + 1):.4f}", refresh=False)
         test_acc = accuracy(model, test_inputs, test.labels, batch_size=500, device=device)
         history.append({"epoch": epoch + 1, "train_loss": total_loss / steps_per_epoch,
                         "test_accuracy": test_acc, "seconds": time.time() - started})
@@ -130,12 +130,15 @@ def main(argv=None) -> int:
                            "history": history, "model_state_dict": model.state_dict(),
                            "optimizer": optimizer.state_dict()}, resume_path)
 
-    final_acc = history[-1]["test_accuracy"]
+    state_dict = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    # Record the accuracy exactly as main.py measures it: a fresh fp32 model, contiguous layout.
+    plain = build_model(args.model_name, info.num_classes)
+    plain.load_state_dict(state_dict)
+    final_acc = accuracy(plain, test_inputs, test.labels, batch_size=500)
     metadata = {"model": args.model_name, "dataset": args.dataset, "num_classes": info.num_classes,
                 "normalization": {"mean": list(info.mean), "std": list(info.std)},
                 "recipe": {"name": args.recipe, **recipe, "seed": args.seed, "bf16": args.bf16},
                 "history": history}
-    state_dict = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     atomic_torch_save({"model_state_dict": state_dict, "test_accuracy": final_acc,
                        "epoch": recipe["epochs"], "metadata": metadata}, output)
     print(f"wrote {output}: test accuracy {100 * final_acc:.2f}% after {recipe['epochs']} epochs")

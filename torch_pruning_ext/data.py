@@ -137,7 +137,7 @@ def _cifar_class(name: str):
     return datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
 
 
-def _load_cifar(name: str, split: str, data_dir) -> ImageSet:
+def _load_cifar(name: str, split: str, data_dir) -> ImageSet | None:
     cls = _cifar_class(name)
     for directory in _search_dirs(data_dir):
         try:
@@ -145,12 +145,17 @@ def _load_cifar(name: str, split: str, data_dir) -> ImageSet:
         except RuntimeError:
             continue
         return _cifar_to_imageset(dataset)
-    return _download_torchvision(name, split, data_dir)
+    return None
 
 
 def _cifar_to_imageset(dataset) -> ImageSet:
     images = torch.from_numpy(np.ascontiguousarray(dataset.data)).permute(0, 3, 1, 2).contiguous()
     return ImageSet(images, torch.tensor(dataset.targets, dtype=torch.int64))
+
+
+def _places(name: str, data_dir) -> str:
+    extra = (FASHION_MNIST_SYSTEM_DIR,) if name == "fashion-mnist" else ()
+    return ", ".join(str(d) for d in _search_dirs(data_dir, extra))
 
 
 def _download_torchvision(name: str, split: str, data_dir) -> ImageSet:
@@ -162,14 +167,13 @@ def _download_torchvision(name: str, split: str, data_dir) -> ImageSet:
             return ImageSet(_fashion_to_cifar_layout(dataset.data.numpy()), dataset.targets.long())
         return _cifar_to_imageset(_cifar_class(name)(root=str(root), train=split == "train", download=True))
     except Exception as error:  # torchvision raises URLError, RuntimeError, OSError... when offline
-        places = ", ".join(str(d) for d in _search_dirs(data_dir, (FASHION_MNIST_SYSTEM_DIR,) if name == "fashion-mnist" else ()))
         raise DatasetUnavailable(
-            f"{name} ({split}) was not found in {places} and could not be downloaded "
+            f"{name} ({split}) was not found in {_places(name, data_dir)} and could not be downloaded "
             f"({type(error).__name__}: {error}). Put the torchvision copy of {name} in one of those "
             f"folders (or pass --data-dir DIR) and run again.") from None
 
 
-def load_split(name: str, split: str, data_dir=None, allow_bundled: bool = True) -> ImageSet:
+def load_split(name: str, split: str, data_dir=None, allow_bundled: bool = True, download: bool = True) -> ImageSet:
     """Load a split from --data-dir, ./data, the system copy, the bundled copy, or a download.
 
     The bundled Fashion-MNIST copy holds the test set and only the calibration pool of the training
@@ -178,19 +182,21 @@ def load_split(name: str, split: str, data_dir=None, allow_bundled: bool = True)
     info = dataset_info(name)
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose one of: {', '.join(SPLITS)}")
-    if info.name != "fashion-mnist":
-        return _load_cifar(info.name, split, data_dir)
-    found = _load_fashion_mnist(split, data_dir)
+    found = _load_fashion_mnist(split, data_dir) if info.name == "fashion-mnist" else _load_cifar(info.name, split, data_dir)
     if found is not None:
         return found
-    if allow_bundled and BUNDLED_FASHION_MNIST.is_file():
+    if info.name == "fashion-mnist" and allow_bundled and BUNDLED_FASHION_MNIST.is_file():
         return load_bundled_fashion_mnist(split)
+    if not download:
+        raise DatasetUnavailable(f"{info.name} ({split}) was not found in {_places(info.name, data_dir)} and "
+                                 f"downloading is off; put the torchvision copy of {info.name} in one of those "
+                                 "folders (or pass --data-dir DIR)")
     return _download_torchvision(info.name, split, data_dir)
 
 
-def calibration_set(name: str, data_dir=None) -> ImageSet:
+def calibration_set(name: str, data_dir=None, download: bool = True) -> ImageSet:
     """The first CALIBRATION_POOL training images: the source of importance/statistics batches."""
-    return load_split(name, "train", data_dir, allow_bundled=True).subset(CALIBRATION_POOL)
+    return load_split(name, "train", data_dir, allow_bundled=True, download=download).subset(CALIBRATION_POOL)
 
 
 def calibration_batches(images: ImageSet, info: DatasetInfo, count: int, batch_size: int,

@@ -1,0 +1,153 @@
+#!/usr/bin/env python
+"""The paper's data-free protocol: default pruning vs Intra-Fusion, one group at a time, no fine-tuning.
+
+`python main.py` runs VGG11-BN on the shipped Fashion-MNIST checkpoint and bundled test set.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from torch_pruning_ext.checkpoints import CheckpointError, load_model, resolve_checkpoint
+from torch_pruning_ext.data import (DATASETS, DatasetUnavailable, calibration_batches, calibration_set,
+                                    dataset_info, load_split, normalize)
+from torch_pruning_ext.groups import describe_groups
+from torch_pruning_ext.importance import CRITERIA
+from torch_pruning_ext.models import MODEL_BUILDERS
+from torch_pruning_ext.optimal_transport import PROBABILITIES, SOLVERS, TARGETS
+from torch_pruning_ext.protocol import METHODS, Protocol, Settings
+from torch_pruning_ext.pruner import IntraFusionPruner, check_sparsity
+from torch_pruning_ext.results import check_output_path, format_table, write_rows
+from torch_pruning_ext.bn_folding import FOLD_MODES
+
+ROOT = Path(__file__).resolve().parent
+DATA_CRITERIA = ("taylor", "chip")
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Bad input ends with one line naming the problem and exit code 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def choice(allowed, what):
+    def check(value):
+        if value not in allowed:
+            raise argparse.ArgumentTypeError(f"unknown {what} {value!r}; choose one of: {', '.join(allowed)}")
+        return value
+    return check
+
+
+def sparsity(value):
+    try:
+        return check_sparsity(float(value))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"sparsity must be a number in [0, 1), got {value!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="main.py", description=__doc__.splitlines()[0])
+    add = parser.add_argument
+    add("--model-name", "--model_name", default="vgg11_bn", type=choice(list(MODEL_BUILDERS), "model"))
+    add("--dataset", default="fashion-mnist", type=choice(list(DATASETS), "dataset"))
+    add("--data-dir", "--data_dir", default=None, help="folder holding the data set (else ./data, system copies)")
+    add("--no-download", "--no_download", action="store_true", help="never try to download a data set")
+    add("--checkpoint", default=None, help="checkpoint file, models.zip, or models.zip:MEMBER")
+    add("--group_idxs", "--group-idxs", nargs="+", type=int, default=[1, 2, 3], help="groups to prune, one at a time")
+    add("--sparsities", nargs="+", type=sparsity, default=[0.3, 0.4, 0.5, 0.6, 0.7])
+    add("--importance_criteria", "--importance-criteria", nargs="+", type=choice(CRITERIA, "criterion"),
+        default=["l1"])
+    add("--methods", nargs="+", type=choice(list(METHODS), "method"), default=["default", "intra_fusion"])
+    add("--p", type=float, default=1, help="p of the p-norm transport cost")
+    add("--source_prob", "--source-prob", default="uniform", type=choice(PROBABILITIES, "source_prob"))
+    add("--target_prob", "--target-prob", default="uniform", type=choice(PROBABILITIES, "target_prob"))
+    add("--target", default="most_important", type=choice(TARGETS, "target"))
+    add("--solver", default="emd", type=choice(SOLVERS, "solver"))
+    add("--bn-fold", "--bn_fold", default="reference", type=choice(FOLD_MODES, "bn fold mode"),
+        help="reference = the released fold (no eps); exact = output-preserving")
+    add("--gpu_id", "--gpu-id", type=int, default=-1, help="CUDA device index, -1 = CPU")
+    add("--device", default=None, help="torch device string, overrides --gpu_id (cpu, cuda:0, ...)")
+    add("--taylor-batches", "--taylor_batches", type=int, default=5, help="training batches for taylor/chip")
+    add("--batch-size", "--batch_size", type=int, default=500, help="evaluation batch size")
+    add("--seed", type=int, default=0)
+    add("--output", default=None, help="write rows to FILE.csv or FILE.json (merged with rows already there)")
+    add("--list-groups", "--list_groups", action="store_true", help="print the model's groups and exit")
+    return parser
+
+
+def pick_device(args) -> torch.device:
+    name = args.device or ("cpu" if args.gpu_id < 0 else f"cuda:{args.gpu_id}")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name} requested but CUDA is not available; use --gpu_id -1 for the CPU")
+    return device
+
+
+def run(args) -> int:
+    device = pick_device(args)
+    if args.taylor_batches < 1 or args.batch_size < 1:
+        raise ValueError("--taylor-batches and --batch-size must be positive integers")
+    output = check_output_path(args.output) if args.output else None
+    info = dataset_info(args.dataset)
+    path = resolve_checkpoint(args.model_name, args.dataset, args.checkpoint, ROOT)
+    loaded = load_model(path, args.model_name, args.dataset, info.num_classes)
+    example = torch.zeros(1, 3, 32, 32)
+    if args.list_groups:
+        pruner = IntraFusionPruner(loaded.model, example, fold_bn=None)
+        for group in describe_groups(loaded.model, pruner.graph, pruner.roots):
+            print(group.describe())
+        return 0
+    count = IntraFusionPruner(loaded.model, example, fold_bn=None).num_groups
+    bad = [g for g in args.group_idxs if not 0 <= g < count]
+    if bad:
+        raise ValueError(f"group index {bad[0]} is not in {args.model_name}: valid indices are 0..{count - 1}")
+
+    test = load_split(args.dataset, "test", args.data_dir, download=not args.no_download)
+    inputs = normalize(test.images, info)
+    batches = None
+    if set(args.importance_criteria) & set(DATA_CRITERIA):
+        batches = calibration_batches(calibration_set(args.dataset, args.data_dir, not args.no_download), info, args.taylor_batches,
+                                      128, args.seed)
+    print(f"{args.model_name} on {args.dataset} ({len(test)} test images), checkpoint {loaded.source}",
+          file=sys.stderr)
+    rows = []
+    for criterion in args.importance_criteria:
+        settings = Settings(args.model_name, args.dataset, criterion, args.p, args.source_prob, args.target_prob,
+                            args.target, args.solver, args.bn_fold, args.seed)
+        protocol = Protocol(loaded.model, settings, inputs, test.labels, batches, args.batch_size, device)
+        criterion_rows = [protocol.base_row()]
+        cells = [(g, s, m) for g in args.group_idxs for s in args.sparsities for m in args.methods]
+        for group, s, method in tqdm(cells, desc=f"{args.model_name} {criterion}", unit="cell"):
+            criterion_rows.append(protocol.run_cell(group, s, method))
+        print(f"\n{args.model_name} / {args.dataset} / {criterion}")
+        print(format_table(criterion_rows, args.methods))
+        rows += criterion_rows
+        if output:
+            write_rows(output, rows)
+    if loaded.test_accuracy is not None:
+        print(f"checkpoint records {100 * loaded.test_accuracy:.2f}% test accuracy")
+    if output:
+        print(f"wrote {len(rows)} rows to {output}")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except (ValueError, CheckpointError, DatasetUnavailable) as error:
+        print(f"main.py: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

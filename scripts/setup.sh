@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Create .venv with Python 3.11 and install this project with its pinned dependencies (offline-safe:
+# torch/torchvision come from the wheels on disk, the rest from the package registry or its cache).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3.11}
+command -v "$PYTHON" >/dev/null || PYTHON=python3
+if [ ! -x .venv/bin/python ]; then
+    "$PYTHON" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test]"

@@ -1,0 +1,189 @@
+import gzip
+import json
+import struct
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+
+import main
+from torch_pruning_ext.checkpoints import CheckpointError, load_model, resolve_checkpoint
+from torch_pruning_ext.data import dataset_info, load_bundled_fashion_mnist, load_split, normalize
+from torch_pruning_ext.models import build_model
+from torch_pruning_ext.results import read_rows
+
+
+def write_idx(path, array):
+    header = struct.pack(">BBBB", 0, 0, 8, array.ndim) + b"".join(struct.pack(">I", d) for d in array.shape)
+    with gzip.open(path, "wb") as handle:
+        handle.write(header + array.astype(np.uint8).tobytes())
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    """A 96-image Fashion-MNIST-format data set (IDX files), test and train."""
+    folder = tmp_path_factory.mktemp("fmnist")
+    rng = np.random.default_rng(0)
+    for prefix, count in (("t10k", 96), ("train", 256)):
+        write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (count, 28, 28)))
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", rng.integers(0, 10, count))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ckpt")
+    paths = {}
+    for name, classes, dataset in (("vgg11_bn", 10, "fashion-mnist"), ("resnet18", 10, "fashion-mnist"),
+                                   ("vgg11_bn", 100, "cifar100")):
+        torch.manual_seed(0)
+        model = build_model(name, classes)
+        path = folder / f"{name}_{classes}.checkpoint"
+        torch.save({"model_state_dict": model.state_dict(), "test_accuracy": 0.1, "epoch": 1,
+                    "metadata": {"model": name, "dataset": dataset, "num_classes": classes}}, path)
+        paths[(name, classes)] = path
+    released = folder / "released.checkpoint"  # the released format carries no metadata
+    torch.save({"model_state_dict": build_model("vgg11_bn", 10).state_dict(), "test_accuracy": 0.9, "epoch": 300},
+               released)
+    paths["released"] = released
+    return paths
+
+
+def run_main(capsys, *argv):
+    try:
+        code = main.main([str(a) for a in argv])
+    except SystemExit as stop:  # argparse rejects bad arguments this way
+        code = stop.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_cli_end_to_end_writes_csv_and_json(tiny_data, checkpoints, capsys, tmp_path):
+    common = ["--checkpoint", checkpoints[("vgg11_bn", 10)], "--data-dir", tiny_data, "--group_idxs", 1, 7,
+              "--sparsities", 0.3, 0.7, "--methods", "default", "intra_fusion", "intra_fusion_fp"]
+    code, out, _ = run_main(capsys, *common, "--output", tmp_path / "rows.csv")
+    assert code == 0
+    assert "group" in out and "s=0.3" in out and "s=0.7" in out
+    rows = read_rows(tmp_path / "rows.csv")
+    assert len(rows) == 1 + 2 * 2 * 3
+    assert list(rows[0])[:10] == ["model", "dataset", "criterion", "group", "sparsity", "method", "accuracy",
+                                  "params", "macs", "prune_seconds"]
+    base = [r for r in rows if r["method"] == "base"][0]
+    assert int(base["params"]) == 9_231_114
+    pruned = [r for r in rows if r["group"] == "1" and r["sparsity"] == "0.7"]
+    assert {r["params"] for r in pruned} == {"5921493"}
+    # accuracy is per sample: a multiple of 1/96
+    for row in rows:
+        assert abs(float(row["accuracy"]) / 100 * 96 - round(float(row["accuracy"]) / 100 * 96)) < 1e-3
+    # the same command writes the same numbers; json output is chosen by suffix
+    code, _, _ = run_main(capsys, *common, "--output", tmp_path / "rows.json")
+    again = json.loads((tmp_path / "rows.json").read_text())
+    assert code == 0 and [r["accuracy"] for r in again] == [float(r["accuracy"]) for r in rows]
+
+
+def test_output_merges_with_rows_already_there(tiny_data, checkpoints, capsys, tmp_path):
+    out = tmp_path / "rows.csv"
+    args = ["--checkpoint", checkpoints[("vgg11_bn", 10)], "--data-dir", tiny_data, "--sparsities", 0.5,
+            "--methods", "default", "--output", out]
+    assert run_main(capsys, *args, "--group_idxs", 1)[0] == 0
+    assert run_main(capsys, *args, "--group_idxs", 2)[0] == 0
+    assert run_main(capsys, *args, "--group_idxs", 2)[0] == 0
+    rows = read_rows(out)
+    assert sorted((r["group"], r["method"]) for r in rows) == [("", "base"), ("1", "default"), ("2", "default")]
+
+
+def test_taylor_and_chip_are_deterministic(tiny_data, checkpoints, capsys, tmp_path):
+    args = ["--checkpoint", checkpoints[("vgg11_bn", 10)], "--data-dir", tiny_data, "--group_idxs", 0,
+            "--sparsities", 0.5, "--importance_criteria", "taylor", "chip", "random", "--taylor-batches", 1]
+    assert run_main(capsys, *args, "--output", tmp_path / "a.csv")[0] == 0
+    assert run_main(capsys, *args, "--output", tmp_path / "b.csv")[0] == 0
+    assert (tmp_path / "a.csv").read_text().count("taylor") >= 3
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "prune_seconds"} for r in rows]  # noqa: E731
+    assert strip(read_rows(tmp_path / "a.csv")) == strip(read_rows(tmp_path / "b.csv"))
+
+
+def test_list_groups(checkpoints, capsys):
+    code, out, _ = run_main(capsys, "--checkpoint", checkpoints[("resnet18", 10)], "--model-name", "resnet18",
+                            "--list-groups")
+    assert code == 0 and len(out.strip().splitlines()) == 12 and out.startswith("[0] layer4.1.conv2")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--sparsities", "1.0"], r"sparsity must be a number in \[0, 1\), got '1.0'"),
+    (["--sparsities", "-0.2"], r"sparsity must be a number in \[0, 1\)"),
+    (["--group_idxs", "8"], r"group index 8 is not in vgg11_bn: valid indices are 0\.\.7"),
+    (["--importance_criteria", "l5"], r"unknown criterion 'l5'"),
+    (["--methods", "magic"], r"unknown method 'magic'"),
+    (["--model-name", "vgg16"], r"unknown model 'vgg16'"),
+    (["--dataset", "mnist"], r"unknown dataset 'mnist'"),
+    (["--output", "rows.txt"], r"must end in \.csv or \.json"),
+])
+def test_bad_arguments_exit_2_with_one_line(checkpoints, tiny_data, capsys, argv, message):
+    code, _, err = run_main(capsys, "--checkpoint", checkpoints[("vgg11_bn", 10)], "--data-dir", tiny_data, *argv)
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1
+    import re
+    assert re.search(message, err), err
+
+
+def test_bad_checkpoints(checkpoints, tiny_data, capsys, tmp_path):
+    corrupt = tmp_path / "corrupt.checkpoint"
+    corrupt.write_bytes(b"not a checkpoint")
+    cases = [
+        (["--checkpoint", tmp_path / "missing.checkpoint"], "missing.checkpoint does not exist"),
+        (["--checkpoint", corrupt], "corrupt or not a PyTorch file"),
+        (["--checkpoint", checkpoints[("resnet18", 10)]], "holds a resnet18, not a vgg11_bn"),
+        (["--checkpoint", checkpoints[("vgg11_bn", 100)]], "trained on cifar100, not fashion-mnist"),
+    ]
+    for argv, message in cases:
+        code, _, err = run_main(capsys, "--data-dir", tiny_data, *argv)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_released_checkpoint_without_metadata(checkpoints):
+    loaded = load_model(checkpoints["released"], "vgg11_bn", "cifar10", 10)
+    assert loaded.test_accuracy == 0.9 and loaded.metadata == {}
+    with pytest.raises(CheckpointError, match="does not fit resnet18"):
+        load_model(checkpoints["released"], "resnet18", "cifar10", 10)
+    with pytest.raises(CheckpointError, match="has 10 classes but cifar100 has 100"):
+        load_model(checkpoints["released"], "vgg11_bn", "cifar100", 100)
+
+
+def test_checkpoint_lookup_order(checkpoints, tmp_path):
+    data = checkpoints[("vgg11_bn", 10)].read_bytes()
+    with zipfile.ZipFile(tmp_path / "models.zip", "w") as bundle:
+        bundle.writestr("models/fashion-mnist/vgg11_bn.checkpoint", data)
+        bundle.writestr("models/vgg11_bn.checkpoint", data)  # released CIFAR-10 layout
+    extracted = resolve_checkpoint("vgg11_bn", "fashion-mnist", None, tmp_path)
+    assert extracted == tmp_path / "models/fashion-mnist/vgg11_bn.checkpoint" and extracted.read_bytes() == data
+    assert not list(tmp_path.rglob("*.tmp"))
+    assert resolve_checkpoint("vgg11_bn", "cifar10", None, tmp_path) == tmp_path / "models/vgg11_bn.checkpoint"
+    explicit = tmp_path / "mine.checkpoint"
+    explicit.write_bytes(data)
+    assert resolve_checkpoint("vgg11_bn", "fashion-mnist", str(explicit), tmp_path) == explicit
+    member = resolve_checkpoint("vgg11_bn", "cifar10", f"{tmp_path / 'models.zip'}:models/vgg11_bn.checkpoint", tmp_path)
+    assert member.read_bytes() == data
+    with pytest.raises(CheckpointError, match="no checkpoint for resnet18 on fashion-mnist"):
+        resolve_checkpoint("resnet18", "fashion-mnist", None, tmp_path)
+
+
+def test_missing_dataset_gives_a_clear_message(checkpoints, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_main(capsys, "--checkpoint", checkpoints[("vgg11_bn", 100)], "--dataset", "cifar100",
+                            "--data-dir", tmp_path / "nowhere", "--no-download")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "cifar100 (test) was not found in" in err and "--data-dir" in err
+
+
+def test_bundled_fashion_mnist_layout_and_normalisation():
+    test = load_bundled_fashion_mnist("test")
+    train = load_bundled_fashion_mnist("train")
+    assert test.images.shape == (10000, 3, 32, 32) and test.images.dtype == torch.uint8
+    assert len(train) == 2048 and sorted(test.labels.unique().tolist()) == list(range(10))
+    assert torch.bincount(test.labels).tolist() == [1000] * 10
+    assert torch.all(test.images[:, :, :2] == 0) and torch.all(test.images[:, :, :, -2:] == 0)
+    assert torch.equal(test.images[:, 0], test.images[:, 2])
+    inputs = normalize(test.images[:10], dataset_info("fashion-mnist"))
+    assert inputs[0, 0, 0, 0].item() == pytest.approx(-0.2860 / 0.3530)
+    assert load_split("fashion-mnist", "test", "/nonexistent", download=False).labels.shape == (10000,)

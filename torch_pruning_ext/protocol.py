@@ -1,0 +1,113 @@
+"""The paper's data-free protocol: prune one group of a trained model, no fine-tuning, evaluate.
+
+Shared by main.py and the sweep scripts so every table is produced by the same code path.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch_pruning as tp
+
+from .bn_folding import fold_batchnorms
+from .evaluation import accuracy
+from .groups import output_layers
+from .optimal_transport import OptimalTransport
+from .pruner import IntraFusionPruner
+
+# method name -> fusion rule (None: default pruning, no transport)
+METHODS = {"default": None, "intra_fusion": "reference", "intra_fusion_fp": "function_preserving"}
+RESULT_FIELDS = ("model", "dataset", "criterion", "group", "sparsity", "method", "accuracy", "params", "macs",
+                 "prune_seconds")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything besides (group, sparsity, method) that changes a cell's result."""
+    model: str
+    dataset: str
+    criterion: str = "l1"
+    p: float = 1
+    source_prob: str = "uniform"
+    target_prob: str = "uniform"
+    target: str = "most_important"
+    solver: str = "emd"
+    bn_fold: str = "reference"
+    seed: int = 0
+
+    def transport(self) -> OptimalTransport:
+        return OptimalTransport(p=self.p, source_prob=self.source_prob, target_prob=self.target_prob,
+                                target=self.target, solver=self.solver)
+
+
+def check_method(method: str) -> None:
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
+
+
+class Protocol:
+    """Runs cells on copies of one trained model; the folded model is built once and cloned."""
+
+    def __init__(self, model: nn.Module, settings: Settings, test_inputs: torch.Tensor, test_labels: torch.Tensor,
+                 calibration_batches=None, batch_size: int = 500, device="cpu"):
+        self.settings = settings
+        self.model = model.eval()
+        self.inputs, self.labels = test_inputs, test_labels
+        self.batch_size, self.device = batch_size, torch.device(device)
+        self.example = test_inputs[:1]
+        self.calibration_batches = calibration_batches
+        self.settings.transport()  # validate the options before any work
+        self.folded = copy.deepcopy(model).eval()
+        fold_batchnorms(self.folded, self.example, settings.bn_fold)
+        self.ignored_names = self._ignored_names()
+        self.num_groups = IntraFusionPruner(copy.deepcopy(self.folded), self.example, fold_bn=None,
+                                            ignored_layers=self._ignored(self.folded)).num_groups
+
+    def _ignored_names(self) -> list[str]:
+        graph = tp.DependencyGraph().build_dependency(self.folded, example_inputs=self.example, verbose=False)
+        names = {module: name for name, module in self.folded.named_modules()}
+        return [names[layer] for layer in output_layers(graph)]
+
+    def _ignored(self, model: nn.Module) -> list[nn.Module]:
+        modules = dict(model.named_modules())
+        return [modules[name] for name in self.ignored_names]
+
+    def _row(self, model: nn.Module, group, sparsity, method, seconds) -> dict:
+        model = model.to(self.device)
+        macs, params = tp.utils.count_ops_and_params(model, self.example.to(self.device))
+        acc = accuracy(model, self.inputs, self.labels, self.batch_size, self.device)
+        row = {"model": self.settings.model, "dataset": self.settings.dataset, "criterion": self.settings.criterion,
+               "group": group, "sparsity": sparsity, "method": method, "accuracy": round(100 * acc, 4),
+               "params": int(params), "macs": int(macs), "prune_seconds": round(seconds, 4)}
+        extras = asdict(self.settings)
+        for key in ("model", "dataset", "criterion"):
+            extras.pop(key)
+        return row | extras
+
+    def base_row(self) -> dict:
+        """The unpruned model as loaded (method "base")."""
+        return self._row(copy.deepcopy(self.model), None, 0.0, "base", 0.0)
+
+    def prune_copy(self, groups, sparsity: float, method: str):
+        """A pruned copy of the folded model, the per-group results and the pruning time."""
+        check_method(method)
+        torch.manual_seed(self.settings.seed)  # the random criterion and GMM draws repeat per cell
+        model = copy.deepcopy(self.folded)
+        started = time.perf_counter()
+        pruner = IntraFusionPruner(model, self.example, importance=self.settings.criterion, fold_bn=None,
+                                   ignored_layers=self._ignored(model),
+                                   calibration_batches=self.calibration_batches)
+        rule = METHODS[method]
+        results = pruner.prune(groups, sparsity, self.settings.transport() if rule else None,
+                               fusion_rule=rule or "reference")
+        return model, results, time.perf_counter() - started
+
+    def run_cell(self, group, sparsity: float, method: str) -> dict:
+        groups = group if isinstance(group, (list, tuple)) else [group]
+        model, _, seconds = self.prune_copy(groups, sparsity, method)
+        label = group if isinstance(group, int) else "all" if list(groups) == list(range(self.num_groups)) \
+            else " ".join(map(str, groups))
+        return self._row(model, label, sparsity, method, seconds)
