@@ -187,3 +187,21 @@ def test_bundled_fashion_mnist_layout_and_normalisation():
     inputs = normalize(test.images[:10], dataset_info("fashion-mnist"))
     assert inputs[0, 0, 0, 0].item() == pytest.approx(-0.2860 / 0.3530)
     assert load_split("fashion-mnist", "test", "/nonexistent", download=False).labels.shape == (10000,)
+
+
+@pytest.mark.parametrize("name, groups", [("vgg11_bn", [0, 3, 7]), ("resnet18", [0, 5, 11])])
+def test_prefix_reuse_gives_identical_numbers(tiny_data, name, groups):
+    from torch_pruning_ext.protocol import Protocol, Settings
+    from tests.conftest import randomize_batchnorms
+    torch.manual_seed(0)
+    model = randomize_batchnorms(build_model(name, 10))
+    test = load_split("fashion-mnist", "test", tiny_data)
+    inputs = normalize(test.images, dataset_info("fashion-mnist"))
+    rows = {}
+    for reuse in (True, False):
+        protocol = Protocol(model, Settings(name, "fashion-mnist"), inputs, test.labels, batch_size=40, reuse=reuse)
+        assert (protocol.cache is not None) == reuse
+        rows[reuse] = [protocol.run_cell(g, 0.5, m) for g in groups for m in ("default", "intra_fusion")]
+        rows[reuse] += [protocol.run_cell(groups[:2], 0.3, "intra_fusion_fp")]
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "prune_seconds"} for r in rs]  # noqa: E731
+    assert strip(rows[True]) == strip(rows[False])

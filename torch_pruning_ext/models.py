@@ -30,6 +30,11 @@ class VGG(nn.Module):
         self.features = nn.Sequential(*layers)
         self.classifier = nn.Linear(in_channels, num_classes)
 
+    def stages(self) -> list[tuple[str, object]]:
+        """(module name, callable) pieces whose composition is forward(); see staged.py."""
+        return [(f"features.{i}", layer) for i, layer in enumerate(self.features)] + [
+            ("flatten", lambda out: out.view(out.size(0), -1)), ("classifier", self.classifier)]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.features(x)
         return self.classifier(out.view(out.size(0), -1))
@@ -76,6 +81,13 @@ class ResNet(nn.Module):
             blocks.append(BasicBlock(self.in_planes, planes, block_stride))
             self.in_planes = planes
         return nn.Sequential(*blocks)
+
+    def stages(self) -> list[tuple[str, object]]:
+        """(module name, callable) pieces whose composition is forward(); see staged.py."""
+        blocks = [(f"{stage}.{i}", block) for stage in ("layer1", "layer2", "layer3", "layer4")
+                  for i, block in enumerate(getattr(self, stage))]
+        return [("conv1", self.conv1), ("bn1", self.bn1), ("relu", F.relu)] + blocks + [
+            ("pool", lambda out: F.avg_pool2d(out, 4).view(out.size(0), -1)), ("linear", self.linear)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))

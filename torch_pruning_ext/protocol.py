@@ -17,6 +17,7 @@ from .evaluation import accuracy
 from .groups import output_layers
 from .optimal_transport import OptimalTransport
 from .pruner import IntraFusionPruner
+from .staged import PrefixCache, first_stage, has_stages, run_stages
 
 # method name -> fusion rule (None: default pruning, no transport)
 METHODS = {"default": None, "intra_fusion": "reference", "intra_fusion_fp": "function_preserving"}
@@ -49,10 +50,14 @@ def check_method(method: str) -> None:
 
 
 class Protocol:
-    """Runs cells on copies of one trained model; the folded model is built once and cloned."""
+    """Runs cells on copies of one trained model; the folded model is built once and cloned.
+
+    reuse: evaluate each pruned copy from the cached activation of the layers before the pruned
+    group (models with ``stages()``), which gives the same numbers as a full forward pass.
+    """
 
     def __init__(self, model: nn.Module, settings: Settings, test_inputs: torch.Tensor, test_labels: torch.Tensor,
-                 calibration_batches=None, batch_size: int = 500, device="cpu"):
+                 calibration_batches=None, batch_size: int = 500, device="cpu", reuse: bool = True):
         self.settings = settings
         self.model = model.eval()
         self.inputs, self.labels = test_inputs, test_labels
@@ -63,8 +68,12 @@ class Protocol:
         self.folded = copy.deepcopy(model).eval()
         fold_batchnorms(self.folded, self.example, settings.bn_fold)
         self.ignored_names = self._ignored_names()
-        self.num_groups = IntraFusionPruner(copy.deepcopy(self.folded), self.example, fold_bn=None,
-                                            ignored_layers=self._ignored(self.folded)).num_groups
+        groups = IntraFusionPruner(self.folded, self.example, fold_bn=None,
+                                   ignored_layers=self._ignored(self.folded)).groups()
+        self.num_groups = len(groups)
+        self.member_names = [[name for name, _ in info.members] for info in groups]
+        self.cache = PrefixCache(self.folded, test_inputs, batch_size, self.device) \
+            if reuse and has_stages(self.folded) else None
 
     def _ignored_names(self) -> list[str]:
         graph = tp.DependencyGraph().build_dependency(self.folded, example_inputs=self.example, verbose=False)
@@ -75,10 +84,17 @@ class Protocol:
         modules = dict(model.named_modules())
         return [modules[name] for name in self.ignored_names]
 
-    def _row(self, model: nn.Module, group, sparsity, method, seconds) -> dict:
+    def _accuracy(self, model: nn.Module, groups) -> float:
+        if self.cache is None or groups is None:
+            return accuracy(model, self.inputs, self.labels, self.batch_size, self.device)
+        start = first_stage(model, [name for g in groups for name in self.member_names[g]])
+        logits = run_stages(model, self.cache.activations(start), start, None, self.batch_size, self.device)
+        return (logits.argmax(dim=1) == self.labels).float().mean().item()
+
+    def _row(self, model: nn.Module, group, sparsity, method, seconds, groups=None) -> dict:
         model = model.to(self.device)
         macs, params = tp.utils.count_ops_and_params(model, self.example.to(self.device))
-        acc = accuracy(model, self.inputs, self.labels, self.batch_size, self.device)
+        acc = self._accuracy(model, groups)
         row = {"model": self.settings.model, "dataset": self.settings.dataset, "criterion": self.settings.criterion,
                "group": group, "sparsity": sparsity, "method": method, "accuracy": round(100 * acc, 4),
                "params": int(params), "macs": int(macs), "prune_seconds": round(seconds, 4)}
@@ -110,4 +126,4 @@ class Protocol:
         model, _, seconds = self.prune_copy(groups, sparsity, method)
         label = group if isinstance(group, int) else "all" if list(groups) == list(range(self.num_groups)) \
             else " ".join(map(str, groups))
-        return self._row(model, label, sparsity, method, seconds)
+        return self._row(model, label, sparsity, method, seconds, groups)

@@ -1,0 +1,57 @@
+"""Reuse the activations of the unchanged prefix of a network across pruned copies.
+
+Pruning one group changes only the layers from the group's first member on; everything before
+computes the same values in every copy. A model that lists its forward pass as ``stages()``
+(name, callable) can therefore be evaluated from a cached intermediate activation.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+
+def has_stages(model: nn.Module) -> bool:
+    return callable(getattr(model, "stages", None))
+
+
+def first_stage(model: nn.Module, layer_names) -> int:
+    """Index of the first stage that contains any of `layer_names` (0 if none is found)."""
+    names = [name for name, _ in model.stages()]
+    hits = [i for i, stage in enumerate(names) for layer in layer_names
+            if layer == stage or layer.startswith(stage + ".")]
+    return min(hits) if hits else 0
+
+
+@torch.inference_mode()
+def run_stages(model: nn.Module, inputs: torch.Tensor, start: int = 0, stop: int | None = None,
+               batch_size: int = 500, device="cpu") -> torch.Tensor:
+    """Apply stages[start:stop] to `inputs` in batches (eval mode); returns the result on the CPU."""
+    was_training = model.training
+    model.eval()
+    pieces = [fn for _, fn in model.stages()][start:stop]
+    outputs = []
+    for begin in range(0, inputs.shape[0], batch_size):
+        out = inputs[begin:begin + batch_size].to(device)
+        for piece in pieces:
+            out = piece(out)
+        outputs.append(out.cpu())
+    model.train(was_training)
+    return torch.cat(outputs)
+
+
+class PrefixCache:
+    """Keeps the activation after the first `start` stages of a reference model (one at a time,
+    since cells come grouped by layer and a cache of early layers can take gigabytes)."""
+
+    def __init__(self, reference: nn.Module, inputs: torch.Tensor, batch_size: int = 500, device="cpu"):
+        self.reference, self.inputs = reference, inputs
+        self.batch_size, self.device = batch_size, device
+        self._start, self._activations = 0, inputs
+
+    def activations(self, start: int) -> torch.Tensor:
+        if start != self._start:
+            self._activations = None  # free the old cache before computing the new one
+            self._activations = run_stages(self.reference, self.inputs, 0, start, self.batch_size, self.device) \
+                if start > 0 else self.inputs
+            self._start = start
+        return self._activations
