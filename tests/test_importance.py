@@ -1,0 +1,108 @@
+import pytest
+import torch
+import torch.nn as nn
+import torch_pruning as tp
+
+from torch_pruning_ext import CRITERIA, IntraFusionPruner, build_importance
+from torch_pruning_ext.groups import full_group
+from torch_pruning_ext.importance import channel_independence
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 3, padding=1)
+        self.conv2 = nn.Conv2d(6, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        x = torch.relu(self.conv2(torch.relu(self.conv1(x))))
+        return self.fc(x.mean((2, 3)))
+
+
+def _group(model, layer):
+    pruner = IntraFusionPruner(model, torch.randn(1, 3, 8, 8), fold_bn=None)
+    return pruner, full_group(pruner.graph, layer)
+
+
+def _tiny_with_dead_channel(dead=2):
+    torch.manual_seed(0)
+    model = Tiny().eval()
+    with torch.no_grad():
+        model.conv1.weight[dead] = 0
+        model.conv1.bias[dead] = 0
+        model.conv2.weight[:, dead] = 0
+    return model
+
+
+@pytest.mark.parametrize("criterion", ["l1", "l2", "linf", "lamp"])
+def test_dead_channel_ranks_last_for_magnitude_criteria(criterion):
+    model = _tiny_with_dead_channel()
+    _, group = _group(model, model.conv1)
+    scores = build_importance(criterion)(group)
+    assert scores.shape == (6,) and scores.argmin().item() == 2
+
+
+def test_l1_and_linf_values():
+    model = _tiny_with_dead_channel()
+    _, group = _group(model, model.conv1)
+    rows = model.conv1.weight.detach().abs().flatten(1)
+    cols = model.conv2.weight.detach().abs().transpose(0, 1).flatten(1)
+    l1 = (rows.sum(1) + cols.sum(1)) / 2
+    assert torch.allclose(build_importance("l1")(group), l1 / l1.mean())
+    linf = (rows.amax(1) + cols.amax(1)) / 2
+    assert torch.allclose(build_importance("linf")(group), linf / linf.mean())
+
+
+def _batches(count=2):
+    generator = torch.Generator().manual_seed(0)
+    return [(torch.randn(16, 3, 8, 8, generator=generator), torch.randint(0, 3, (16,), generator=generator))
+            for _ in range(count)]
+
+
+@pytest.mark.parametrize("criterion", ["taylor", "chip"])
+def test_data_criteria_rank_a_dead_channel_last(criterion):
+    model = _tiny_with_dead_channel()
+    pruner, group = _group(model, model.conv1)
+    importance = build_importance(criterion)
+    importance.prepare(model, group, _batches())
+    scores = importance(group)
+    assert scores.shape == (6,) and scores.argmin().item() == 2 and scores[2].abs() < 1e-6
+
+
+def test_taylor_without_gradients_is_an_error():
+    model = _tiny_with_dead_channel()
+    _, group = _group(model, model.conv1)
+    with pytest.raises(RuntimeError, match="needs gradients"):
+        build_importance("taylor")(group)
+
+
+def test_channel_independence_of_a_duplicate_and_a_zero_row():
+    torch.manual_seed(0)
+    features = torch.randn(3, 4, 10)
+    features[:, 1] = features[:, 0]  # a duplicated channel is less independent than a unique one
+    features[:, 3] = 0
+    scores = channel_independence(features)
+    assert scores[3] == pytest.approx(0, abs=1e-9)
+    assert scores[0] < scores[2] and scores[1] < scores[2]
+
+
+def test_random_is_seeded_and_names_are_checked():
+    model = _tiny_with_dead_channel()
+    _, group = _group(model, model.conv1)
+    torch.manual_seed(3)
+    first = build_importance("random")(group)
+    torch.manual_seed(3)
+    assert torch.equal(first, build_importance("random")(group))
+    assert set(CRITERIA) == {"l1", "l2", "linf", "taylor", "lamp", "random", "chip"}
+    custom = tp.importance.GroupMagnitudeImportance(p=2)
+    assert build_importance(custom) is custom
+
+
+def test_pruner_uses_calibration_batches_for_taylor():
+    model = _tiny_with_dead_channel()
+    pruner = IntraFusionPruner(model, torch.randn(1, 3, 8, 8), importance="taylor", fold_bn=None,
+                               calibration_batches=_batches())
+    result = pruner.prune([pruner.roots.index(model.conv1)], 0.1)[0]
+    assert result.pruned == [2] and model.conv1.out_channels == 5
+    assert all(p.grad is None for p in model.parameters())
