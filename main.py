@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--batch-size", "--batch_size", type=int, default=500, help="evaluation batch size")
     add("--seed", type=int, default=0)
     add("--output", default=None, help="write rows to FILE.csv or FILE.json (merged with rows already there)")
+    add("--no-reuse", "--no_reuse", action="store_true",
+        help="evaluate every cell with a full forward pass instead of reusing the unchanged prefix")
     add("--list-groups", "--list_groups", action="store_true", help="print the model's groups and exit")
     return parser
 
@@ -122,7 +124,8 @@ def run(args) -> int:
     for criterion in args.importance_criteria:
         settings = Settings(args.model_name, args.dataset, criterion, args.p, args.source_prob, args.target_prob,
                             args.target, args.solver, args.bn_fold, args.seed)
-        protocol = Protocol(loaded.model, settings, inputs, test.labels, batches, args.batch_size, device)
+        protocol = Protocol(loaded.model, settings, inputs, test.labels, batches, args.batch_size, device,
+                            reuse=not args.no_reuse)
         criterion_rows = [protocol.base_row()]
         cells = [(g, s, m) for g in args.group_idxs for s in args.sparsities for m in args.methods]
         for group, s, method in tqdm(cells, desc=f"{args.model_name} {criterion}", unit="cell"):

@@ -1,0 +1,106 @@
+#!/usr/bin/env python
+"""Benchmark the data-free protocol: the default main.py job with and without prefix reuse,
+a time split of one cell, and the transport solve for growing groups. Prints numbers only."""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import io
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import main  # noqa: E402
+from torch_pruning_ext.bn_folding import fold_batchnorms  # noqa: E402
+from torch_pruning_ext.checkpoints import load_model, resolve_checkpoint  # noqa: E402
+from torch_pruning_ext.data import dataset_info, load_split, normalize  # noqa: E402
+from torch_pruning_ext.evaluation import accuracy  # noqa: E402
+from torch_pruning_ext.optimal_transport import OptimalTransport  # noqa: E402
+from torch_pruning_ext.pruner import IntraFusionPruner  # noqa: E402
+
+
+def timed_main(argv) -> float:
+    started = time.perf_counter()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        code = main.main(argv)
+    if code != 0:
+        raise SystemExit(f"main.py {' '.join(argv)} failed with exit code {code}")
+    return time.perf_counter() - started
+
+
+def cell_split(checkpoint, group: int, sparsity: float) -> dict:
+    info = dataset_info("fashion-mnist")
+    model = load_model(resolve_checkpoint("vgg11_bn", "fashion-mnist", checkpoint, ROOT), "vgg11_bn",
+                       "fashion-mnist", info.num_classes).model
+    test = load_split("fashion-mnist", "test")
+    seconds = {}
+    started = time.perf_counter()
+    inputs = normalize(test.images, info)
+    seconds["data decode+normalise"] = time.perf_counter() - started
+    started = time.perf_counter()
+    copy_ = copy.deepcopy(model)
+    fold_batchnorms(copy_, inputs[:1], "reference")
+    pruner = IntraFusionPruner(copy_, inputs[:1], fold_bn=None)
+    seconds["graph+fold"] = time.perf_counter() - started
+    result = pruner.prune([group], sparsity, OptimalTransport())[0]
+    seconds.update(result.seconds)
+    started = time.perf_counter()
+    accuracy(copy_, inputs, test.labels)
+    seconds["evaluation (full forward)"] = time.perf_counter() - started
+    return seconds
+
+
+def solve_times(sizes, solver: str) -> list[tuple[int, float, float]]:
+    out = []
+    for n in sizes:
+        generator = torch.Generator().manual_seed(n)
+        features = torch.randn(n, 2 * 9 * 64, generator=generator)
+        importance = torch.rand(n, generator=generator)
+        kept = torch.arange(0, n, 2)
+        transport = OptimalTransport(solver=solver)
+        started = time.perf_counter()
+        transport.coupling(features, importance, kept)
+        total = time.perf_counter() - started
+        out.append((n, total, transport.last_solve_seconds))
+    return out
+
+
+def main_bench(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", default=None)
+    parser.add_argument("--skip-job", action="store_true", help="skip the (slow) whole-job comparison")
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+
+    print("\n== one cell: VGG11-BN group 2, sparsity 0.5, intra_fusion (seconds)")
+    for name, value in cell_split(args.checkpoint, 2, 0.5).items():
+        print(f"  {name:<28}{value:9.3f}")
+
+    print("\n== transport solve (n channels -> n/2, features of 1152 values): total / solve only, ms")
+    for solver in ("emd", "sinkhorn"):
+        sizes = [64, 256, 512, 1024, 2048, 4096]
+        for n, total, solve in solve_times(sizes, solver):
+            print(f"  {solver:<9}n={n:<5}{1000 * total:10.1f} {1000 * solve:10.1f}")
+
+    if not args.skip_job:
+        extra = ["--checkpoint", args.checkpoint] if args.checkpoint else []
+        print("\n== default `python main.py` job (VGG11-BN, Fashion-MNIST, 3 groups x 5 sparsities x 2 methods)")
+        with_reuse = timed_main(extra)
+        print(f"  with reuse    {with_reuse:8.1f} s")
+        without = timed_main(extra + ["--no-reuse"])
+        print(f"  without reuse {without:8.1f} s")
+        print(f"  speed-up      {without / with_reuse:8.2f} x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main_bench())
