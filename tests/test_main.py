@@ -1,9 +1,6 @@
-import gzip
 import json
-import struct
 import zipfile
 
-import numpy as np
 import pytest
 import torch
 
@@ -12,42 +9,6 @@ from torch_pruning_ext.checkpoints import CheckpointError, load_model, resolve_c
 from torch_pruning_ext.data import dataset_info, load_bundled_fashion_mnist, load_split, normalize
 from torch_pruning_ext.models import build_model
 from torch_pruning_ext.results import read_rows
-
-
-def write_idx(path, array):
-    header = struct.pack(">BBBB", 0, 0, 8, array.ndim) + b"".join(struct.pack(">I", d) for d in array.shape)
-    with gzip.open(path, "wb") as handle:
-        handle.write(header + array.astype(np.uint8).tobytes())
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    """A 96-image Fashion-MNIST-format data set (IDX files), test and train."""
-    folder = tmp_path_factory.mktemp("fmnist")
-    rng = np.random.default_rng(0)
-    for prefix, count in (("t10k", 96), ("train", 256)):
-        write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (count, 28, 28)))
-        write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", rng.integers(0, 10, count))
-    return folder
-
-
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("ckpt")
-    paths = {}
-    for name, classes, dataset in (("vgg11_bn", 10, "fashion-mnist"), ("resnet18", 10, "fashion-mnist"),
-                                   ("vgg11_bn", 100, "cifar100")):
-        torch.manual_seed(0)
-        model = build_model(name, classes)
-        path = folder / f"{name}_{classes}.checkpoint"
-        torch.save({"model_state_dict": model.state_dict(), "test_accuracy": 0.1, "epoch": 1,
-                    "metadata": {"model": name, "dataset": dataset, "num_classes": classes}}, path)
-        paths[(name, classes)] = path
-    released = folder / "released.checkpoint"  # the released format carries no metadata
-    torch.save({"model_state_dict": build_model("vgg11_bn", 10).state_dict(), "test_accuracy": 0.9, "epoch": 300},
-               released)
-    paths["released"] = released
-    return paths
 
 
 def run_main(capsys, *argv):

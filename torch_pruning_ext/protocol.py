@@ -44,6 +44,14 @@ class Settings:
                                 target=self.target, solver=self.solver)
 
 
+def cell_identity(settings: Settings, group, sparsity: float, method: str) -> dict:
+    """The fields that name a result row (everything but the measurements), in file order."""
+    fields = asdict(settings)
+    head = {"model": fields.pop("model"), "dataset": fields.pop("dataset"), "criterion": fields.pop("criterion"),
+            "group": group, "sparsity": sparsity, "method": method}
+    return head | fields
+
+
 def check_method(method: str) -> None:
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
@@ -95,13 +103,9 @@ class Protocol:
         model = model.to(self.device)
         macs, params = tp.utils.count_ops_and_params(model, self.example.to(self.device))
         acc = self._accuracy(model, groups)
-        row = {"model": self.settings.model, "dataset": self.settings.dataset, "criterion": self.settings.criterion,
-               "group": group, "sparsity": sparsity, "method": method, "accuracy": round(100 * acc, 4),
-               "params": int(params), "macs": int(macs), "prune_seconds": round(seconds, 4)}
-        extras = asdict(self.settings)
-        for key in ("model", "dataset", "criterion"):
-            extras.pop(key)
-        return row | extras
+        measured = {"accuracy": round(100 * acc, 4), "params": int(params), "macs": int(macs),
+                    "prune_seconds": round(seconds, 4)}
+        return cell_identity(self.settings, group, sparsity, method) | measured
 
     def base_row(self) -> dict:
         """The unpruned model as loaded (method "base")."""
@@ -122,8 +126,10 @@ class Protocol:
         return model, results, time.perf_counter() - started
 
     def run_cell(self, group, sparsity: float, method: str) -> dict:
-        groups = group if isinstance(group, (list, tuple)) else [group]
+        """One row: `group` is an index, a list of indices, or "all" (whole-network pruning)."""
+        groups = list(range(self.num_groups)) if group == "all" else \
+            list(group) if isinstance(group, (list, tuple)) else [group]
         model, _, seconds = self.prune_copy(groups, sparsity, method)
-        label = group if isinstance(group, int) else "all" if list(groups) == list(range(self.num_groups)) \
+        label = group if isinstance(group, int) else "all" if groups == list(range(self.num_groups)) \
             else " ".join(map(str, groups))
         return self._row(model, label, sparsity, method, seconds, groups)

@@ -1,0 +1,178 @@
+#!/usr/bin/env python
+"""Turn sweep results into paper-style Markdown tables, per-table summaries and PNG plots."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from torch_pruning_ext.files import atomic_path, atomic_write_text  # noqa: E402
+
+METHOD_ORDER = ["default", "intra_fusion", "intra_fusion_fp"]
+LABELS = {"default": "default", "intra_fusion": "Intra-Fusion", "intra_fusion_fp": "Intra-Fusion (function-preserving)"}
+
+
+def load(paths) -> pd.DataFrame:
+    frames = [pd.read_csv(p, dtype={"group": str}) for p in paths]
+    data = pd.concat(frames, ignore_index=True)
+    data["group"] = data["group"].fillna("")
+    return data.drop_duplicates(subset=[c for c in data.columns if c not in ("accuracy", "prune_seconds")],
+                                keep="last")
+
+
+def single_group_cells(table: pd.DataFrame) -> pd.DataFrame:
+    cells = table[(table["method"] != "base") & table["group"].str.fullmatch(r"\d+")].copy()
+    cells["group"] = cells["group"].astype(int)
+    return cells.pivot_table(index=["group", "sparsity"], columns="method", values="accuracy", aggfunc="last")
+
+
+def markdown_table(pivot: pd.DataFrame, methods) -> str:
+    sparsities = sorted(pivot.index.get_level_values("sparsity").unique())
+    header = "| group | " + " | ".join(f"s={s:g}" for s in sparsities) + " |"
+    lines = [header, "|" + "---|" * (len(sparsities) + 1)]
+    for group in sorted(pivot.index.get_level_values("group").unique()):
+        cells = []
+        for s in sparsities:
+            values = [pivot.loc[(group, s), m] if (group, s) in pivot.index and m in pivot.columns else np.nan
+                      for m in methods]
+            cells.append(" / ".join("-" if np.isnan(v) else f"{v:.2f}" for v in values))
+        lines.append(f"| {group} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def summary(pivot: pd.DataFrame, method: str) -> str:
+    if method not in pivot.columns or "default" not in pivot.columns:
+        return ""
+    gain = (pivot[method] - pivot["default"]).dropna()
+    if gain.empty:
+        return ""
+    worst, best = gain.idxmin(), gain.idxmax()
+    return (f"- {LABELS[method]} vs default: better in {int((gain > 0).sum())} of {len(gain)} cells, "
+            f"worse in {int((gain < 0).sum())}; mean gain {gain.mean():+.2f} points, max {gain.max():+.2f} "
+            f"(group {best[0]}, s={best[1]:g}); worst cell {gain.min():+.2f} (group {worst[0]}, s={worst[1]:g})")
+
+
+def plot_curves(pivot: pd.DataFrame, methods, title: str, path: Path, base: float | None) -> None:
+    groups = sorted(pivot.index.get_level_values("group").unique())
+    columns = min(4, len(groups))
+    rows = int(np.ceil(len(groups) / columns))
+    figure, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 2.6 * rows), squeeze=False, sharey=True)
+    for axis, group in zip(axes.flat, groups):
+        part = pivot.loc[group]
+        for method in methods:
+            if method in part.columns:
+                axis.plot(part.index, part[method], marker="o", markersize=3, label=LABELS[method])
+        if base is not None:
+            axis.axhline(base, color="gray", linestyle=":", linewidth=1)
+        axis.set_title(f"group {group}", fontsize=9)
+        axis.set_xlabel("sparsity", fontsize=8)
+        axis.grid(alpha=0.3)
+    for axis in list(axes.flat)[len(groups):]:
+        axis.axis("off")
+    axes[0, 0].set_ylabel("top-1 accuracy (%)")
+    axes[0, 0].legend(fontsize=7)
+    figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    _save(figure, path)
+
+
+def plot_gain(pivot: pd.DataFrame, method: str, title: str, path: Path) -> None:
+    gain = (pivot[method] - pivot["default"]).unstack("sparsity")
+    figure, axis = plt.subplots(figsize=(1 + 0.8 * gain.shape[1], 0.9 + 0.4 * gain.shape[0]))
+    limit = max(1e-9, np.nanmax(np.abs(gain.values)))
+    image = axis.imshow(gain.values, cmap="RdYlGn", vmin=-limit, vmax=limit, aspect="auto")
+    axis.set_xticks(range(gain.shape[1]), [f"{s:g}" for s in gain.columns])
+    axis.set_yticks(range(gain.shape[0]), [str(g) for g in gain.index])
+    axis.set_xlabel("sparsity")
+    axis.set_ylabel("group")
+    for (i, j), value in np.ndenumerate(gain.values):
+        if not np.isnan(value):
+            axis.text(j, i, f"{value:+.1f}", ha="center", va="center", fontsize=7)
+    figure.colorbar(image, ax=axis, label="accuracy gain (points)")
+    axis.set_title(title, fontsize=9)
+    figure.tight_layout()
+    _save(figure, path)
+
+
+def _save(figure, path: Path) -> None:
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, format="png", dpi=110)
+    plt.close(figure)
+
+
+def whole_network_table(table: pd.DataFrame) -> str:
+    whole = table[table["group"] == "all"]
+    if whole.empty:
+        return ""
+    lines = ["| sparsity | method | params | MACs | accuracy |", "|---|---|---|---|---|"]
+    for _, row in whole.sort_values(["sparsity", "method"]).iterrows():
+        lines.append(f"| {row['sparsity']:g} | {row['method']} | {int(row['params']):,} | {int(row['macs']):,} | "
+                     f"{row['accuracy']:.2f} |")
+    return "\n".join(lines)
+
+
+def report(data: pd.DataFrame, out_dir: Path, title: str, commands: list[str]) -> str:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    parts = [f"# {title}", ""]
+    if commands:
+        parts += ["Regenerate with:", "", "```"] + commands + ["```", ""]
+    for (model, dataset, criterion), table in data.groupby(["model", "dataset", "criterion"], sort=False):
+        methods = [m for m in METHOD_ORDER if m in set(table["method"])]
+        base_rows = table[table["method"] == "base"]
+        base = float(base_rows["accuracy"].iloc[0]) if len(base_rows) else None
+        parts.append(f"## {model} on {dataset}, {criterion} importance")
+        parts.append("")
+        if base is not None:
+            parts.append(f"Unpruned accuracy: {base:.2f}%. Cells: {' / '.join(LABELS[m] for m in methods)} "
+                         "(top-1 %, one group pruned, no fine-tuning).")
+            parts.append("")
+        pivot = single_group_cells(table)
+        if not pivot.empty:
+            parts += [markdown_table(pivot, methods), ""]
+            parts += [line for line in (summary(pivot, m) for m in methods if m != "default") if line]
+            parts.append("")
+            stem = f"{model}_{dataset}_{criterion}"
+            plot_curves(pivot, methods, f"{model} / {dataset} / {criterion}", out_dir / f"{stem}_curves.png", base)
+            parts.append(f"![accuracy vs sparsity]({stem}_curves.png)")
+            for method in methods:
+                if method != "default":
+                    plot_gain(pivot, method, f"{LABELS[method]} minus default: {model} / {criterion}",
+                              out_dir / f"{stem}_{method}_gain.png")
+                    parts.append(f"![gain of {LABELS[method]}]({stem}_{method}_gain.png)")
+            parts.append("")
+        whole = whole_network_table(table)
+        if whole:
+            parts += ["Whole network (every group at the same sparsity):", "", whole, ""]
+    return "\n".join(parts) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("results", nargs="+", help="results.csv files of sweeps or main.py --output")
+    parser.add_argument("--out-dir", default="docs", help="where the Markdown file and PNGs go")
+    parser.add_argument("--name", default="RESULTS.md", help="Markdown file name inside --out-dir")
+    parser.add_argument("--title", default="Results")
+    parser.add_argument("--command", action="append", default=[], help="command line to quote in the report")
+    args = parser.parse_args(argv)
+    missing = [p for p in args.results if not Path(p).is_file()]
+    if missing:
+        print(f"report.py: error: no such results file: {missing[0]}", file=sys.stderr)
+        return 2
+    out_dir = Path(args.out_dir)
+    text = report(load(args.results), out_dir, args.title, args.command)
+    atomic_write_text(out_dir / args.name, text)
+    print(f"wrote {out_dir / args.name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

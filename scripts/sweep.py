@@ -1,0 +1,166 @@
+#!/usr/bin/env python
+"""Resumable, shardable sweep of the data-free protocol: models x criteria x groups x sparsities x methods.
+
+Rows go to RUN_DIR/results.csv, rewritten atomically under a lock after every cell, so a killed
+sweep loses at most the cell in progress and a rerun skips every finished cell. --shard i/N runs
+every N-th cell (starting with the i-th), so N processes or machines can share one sweep.
+"""
+from __future__ import annotations
+
+import argparse
+import fcntl
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+from tqdm import tqdm
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from torch_pruning_ext.checkpoints import CheckpointError, load_model, resolve_checkpoint  # noqa: E402
+from torch_pruning_ext.data import (DATASETS, DatasetUnavailable, calibration_batches, calibration_set,  # noqa: E402
+                                    dataset_info, load_split, normalize)
+from torch_pruning_ext.importance import CRITERIA  # noqa: E402
+from torch_pruning_ext.models import MODEL_BUILDERS  # noqa: E402
+from torch_pruning_ext.protocol import METHODS, Protocol, Settings, cell_identity  # noqa: E402
+from torch_pruning_ext.pruner import check_sparsity  # noqa: E402
+from torch_pruning_ext.results import read_rows, row_key, write_rows  # noqa: E402
+
+DATA_CRITERIA = ("taylor", "chip")
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    try:
+        index, count = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"shard must look like i/N, got {text!r}") from None
+    if not 1 <= index <= count:
+        raise argparse.ArgumentTypeError(f"shard {text!r}: need 1 <= i <= N")
+    return index, count
+
+
+def parse_sparsity(text: str) -> float:
+    try:
+        return check_sparsity(float(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"sparsity must be a number in [0, 1), got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add = parser.add_argument
+    add("--run-dir", required=True, help="folder of this sweep; results.csv is written there")
+    add("--models", nargs="+", choices=sorted(MODEL_BUILDERS), default=["vgg11_bn", "resnet18"])
+    add("--dataset", choices=sorted(DATASETS), default="fashion-mnist")
+    add("--data-dir", default=None)
+    add("--no-download", action="store_true")
+    add("--checkpoint", action="append", default=[], metavar="MODEL=FILE",
+        help="checkpoint for a model (else the usual lookup: models/, models.zip)")
+    add("--criteria", nargs="+", choices=CRITERIA, default=["l1", "taylor"])
+    add("--groups", nargs="+", default=["all-single"],
+        help="group indices, 'all-single' (every group alone, default) and/or 'whole' (all groups together)")
+    add("--sparsities", nargs="+", type=parse_sparsity, default=[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7])
+    add("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    add("--shard", type=parse_shard, default=(1, 1), help="run cells i, i+N, i+2N, ... (1-based i/N)")
+    add("--taylor-batches", type=int, default=5)
+    add("--batch-size", type=int, default=500)
+    add("--seed", type=int, default=0)
+    add("--bn-fold", choices=["reference", "exact"], default="reference")
+    add("--device", default="cpu")
+    return parser
+
+
+def expand_groups(specs, count: int, model: str) -> list:
+    groups = []
+    for spec in specs:
+        if spec == "all-single":
+            groups += list(range(count))
+        elif spec == "whole":
+            groups.append("all")
+        else:
+            try:
+                index = int(spec)
+            except ValueError:
+                raise ValueError(f"group {spec!r} is not an index, 'all-single' or 'whole'") from None
+            if not 0 <= index < count:
+                raise ValueError(f"group index {index} is not in {model}: valid indices are 0..{count - 1}")
+            groups.append(index)
+    return list(dict.fromkeys(groups))
+
+
+def plan_cells(settings: Settings, groups, sparsities, methods) -> list[tuple]:
+    """(group, sparsity, method) cells of one (model, criterion), the unpruned "base" row first."""
+    return [(None, 0.0, "base")] + [(g, s, m) for g in groups for s in sparsities for m in methods]
+
+
+@contextmanager
+def locked(run_dir: Path):
+    with open(run_dir / ".lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def sweep(args) -> int:
+    run_dir = Path(args.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    results = run_dir / "results.csv"
+    checkpoints = dict(item.split("=", 1) for item in args.checkpoint)
+    info = dataset_info(args.dataset)
+    test = load_split(args.dataset, "test", args.data_dir, download=not args.no_download)
+    inputs = normalize(test.images, info)
+    batches = None
+    if set(args.criteria) & set(DATA_CRITERIA):
+        batches = calibration_batches(calibration_set(args.dataset, args.data_dir, not args.no_download), info,
+                                      args.taylor_batches, 128, args.seed)
+    # The full, ordered cell list: identical in every shard, so shards partition it exactly.
+    jobs = []
+    for model_name in args.models:
+        path = resolve_checkpoint(model_name, args.dataset, checkpoints.get(model_name), ROOT)
+        loaded = load_model(path, model_name, args.dataset, info.num_classes)
+        for criterion in args.criteria:
+            settings = Settings(model_name, args.dataset, criterion, bn_fold=args.bn_fold, seed=args.seed)
+            jobs.append((loaded.model, settings))
+    index, count = args.shard
+    with locked(run_dir):
+        done = {row_key(row) for row in read_rows(results)}
+    planned = []
+    for model, settings in jobs:
+        probe = Protocol(model, settings, inputs[:1], test.labels[:1], batches, reuse=False)
+        groups = expand_groups(args.groups, probe.num_groups, settings.model)
+        for cell in plan_cells(settings, groups, args.sparsities, args.methods):
+            planned.append((model, settings, cell))
+    mine = planned[index - 1::count]
+    pending = [job for job in mine if row_key(_as_text(cell_identity(job[1], *job[2]))) not in done]
+    print(f"{len(planned)} cells in the sweep, {len(mine)} in shard {index}/{count}, "
+          f"{len(mine) - len(pending)} already done, {len(pending)} to run", file=sys.stderr)
+    protocols: dict[Settings, Protocol] = {}
+    for model, settings, (group, sparsity, method) in tqdm(pending, unit="cell", desc="sweep"):
+        if settings not in protocols:
+            protocols.clear()  # one protocol (and its activation cache) at a time
+            protocols[settings] = Protocol(model, settings, inputs, test.labels, batches, args.batch_size,
+                                           args.device)
+        protocol = protocols[settings]
+        row = protocol.base_row() if method == "base" else protocol.run_cell(group, sparsity, method)
+        with locked(run_dir):
+            write_rows(results, [row])
+    return 0
+
+
+def _as_text(row: dict) -> dict:
+    return {k: ("" if v is None else str(v)) for k, v in row.items()}
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return sweep(args)
+    except (ValueError, CheckpointError, DatasetUnavailable) as error:
+        print(f"sweep.py: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+import report  # noqa: E402
+import sweep  # noqa: E402
+from torch_pruning_ext.protocol import Protocol  # noqa: E402
+from torch_pruning_ext.results import read_rows  # noqa: E402
+
+MEASURED = ("prune_seconds",)
+
+
+def sweep_args(run_dir, tiny_data, checkpoints, *extra):
+    return ["--run-dir", str(run_dir), "--models", "vgg11_bn", "--checkpoint",
+            f"vgg11_bn={checkpoints[('vgg11_bn', 10)]}", "--data-dir", str(tiny_data), "--criteria", "l1",
+            "--groups", "0", "7", "whole", "--sparsities", "0.3", "0.6", "--methods", "default", "intra_fusion",
+            "--batch-size", "48", *extra]
+
+
+def cells(path):
+    return sorted(tuple((k, v) for k, v in row.items() if k not in MEASURED) for row in read_rows(path))
+
+
+def test_killed_sweep_resumes_without_redoing_or_duplicating(tiny_data, checkpoints, tmp_path, monkeypatch):
+    calls = []
+    original = Protocol.run_cell
+
+    def dying(self, group, sparsity, method):
+        if len(calls) == 4:
+            raise KeyboardInterrupt  # the user pressed Ctrl-C in the middle of the sweep
+        calls.append((group, sparsity, method))
+        return original(self, group, sparsity, method)
+
+    monkeypatch.setattr(Protocol, "run_cell", dying)
+    with pytest.raises(KeyboardInterrupt):
+        sweep.main(sweep_args(tmp_path / "run", tiny_data, checkpoints))
+    partial = read_rows(tmp_path / "run" / "results.csv")
+    assert len(partial) == 5  # base + 4 finished cells, no partial row
+    monkeypatch.setattr(Protocol, "run_cell", original)
+    resumed = []
+    monkeypatch.setattr(Protocol, "run_cell", lambda self, *cell: resumed.append(cell) or original(self, *cell))
+    assert sweep.main(sweep_args(tmp_path / "run", tiny_data, checkpoints)) == 0
+    rows = read_rows(tmp_path / "run" / "results.csv")
+    assert len(rows) == 1 + 3 * 2 * 2
+    assert len({tuple(r.items()) for r in rows}) == len(rows)
+    assert not set(resumed) & set(calls) and len(resumed) == 12 - 4
+    assert {r["group"] for r in rows} == {"", "0", "7", "all"}
+
+
+def test_shards_partition_the_sweep(tiny_data, checkpoints, tmp_path):
+    assert sweep.main(sweep_args(tmp_path / "full", tiny_data, checkpoints)) == 0
+    for shard in ("1/2", "2/2"):
+        assert sweep.main(sweep_args(tmp_path / "sharded", tiny_data, checkpoints, "--shard", shard)) == 0
+    assert cells(tmp_path / "sharded" / "results.csv") == cells(tmp_path / "full" / "results.csv")
+    assert sweep.main(sweep_args(tmp_path / "one", tiny_data, checkpoints, "--shard", "1/2")) == 0
+    assert 0 < len(read_rows(tmp_path / "one" / "results.csv")) < len(read_rows(tmp_path / "full" / "results.csv"))
+
+
+def test_bad_sweep_arguments(tiny_data, checkpoints, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        sweep.main(sweep_args(tmp_path, tiny_data, checkpoints, "--shard", "3/2"))
+    assert "need 1 <= i <= N" in capsys.readouterr().err
+    args = sweep_args(tmp_path, tiny_data, checkpoints)
+    args[args.index("7")] = "9"
+    assert sweep.main(args) == 2
+    assert "group index 9 is not in vgg11_bn: valid indices are 0..7" in capsys.readouterr().err
+
+
+def _fake_results(path):
+    lines = ["model,dataset,criterion,group,sparsity,method,accuracy,params,macs,prune_seconds"]
+    lines.append("vgg11_bn,fashion-mnist,l1,,0.0,base,90.0,100,1000,0")
+    for group in (0, 1):
+        for sparsity in (0.3, 0.6):
+            for method, shift in (("default", -10), ("intra_fusion", -2), ("intra_fusion_fp", -12)):
+                accuracy = 90 + shift * sparsity * (group + 1)
+                lines.append(f"vgg11_bn,fashion-mnist,l1,{group},{sparsity},{method},{accuracy},80,800,0.1")
+    lines.append("vgg11_bn,fashion-mnist,l1,all,0.5,default,40.0,25,250,0.2")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def test_report_tables_summary_and_plots(tmp_path):
+    _fake_results(tmp_path / "results.csv")
+    assert report.main([str(tmp_path / "results.csv"), "--out-dir", str(tmp_path / "docs"),
+                        "--command", "python scripts/sweep.py ..."]) == 0
+    text = (tmp_path / "docs" / "RESULTS.md").read_text()
+    assert "| 0 | 87.00 / 89.40 / 86.40 | 84.00 / 88.80 / 82.80 |" in text
+    assert "Intra-Fusion vs default: better in 4 of 4 cells, worse in 0; mean gain +5.40 points" in text
+    assert "worse in 4; mean gain -1.35 points" in text  # function-preserving loses here: it is said
+    assert "worst cell -2.40 (group 1, s=0.6)" in text
+    assert "| 0.5 | default | 25 | 250 | 40.00 |" in text
+    for png in ("vgg11_bn_fashion-mnist_l1_curves.png", "vgg11_bn_fashion-mnist_l1_intra_fusion_gain.png"):
+        assert (tmp_path / "docs" / png).read_bytes()[:4] == b"\x89PNG"
+    assert "python scripts/sweep.py ..." in text
+
+
+def test_report_missing_file(tmp_path, capsys):
+    assert report.main([str(tmp_path / "nope.csv")]) == 2
+    assert "no such results file" in capsys.readouterr().err
