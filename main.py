@@ -5,22 +5,21 @@
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from torch_pruning_ext.checkpoints import CheckpointError, load_model, resolve_checkpoint
-from torch_pruning_ext.data import (DATASETS, DatasetUnavailable, calibration_batches, calibration_set,
-                                    dataset_info, load_split, normalize)
+from torch_pruning_ext.checkpoints import load_model, resolve_checkpoint
+from torch_pruning_ext.cli import OneLineParser, choice, run_cli, sparsity
+from torch_pruning_ext.data import DATASETS, calibration_batches, calibration_set, dataset_info, load_split, normalize
 from torch_pruning_ext.groups import describe_groups
 from torch_pruning_ext.importance import CRITERIA
 from torch_pruning_ext.models import MODEL_BUILDERS
 from torch_pruning_ext.optimal_transport import PROBABILITIES, SOLVERS, TARGETS
 from torch_pruning_ext.protocol import METHODS, Protocol, Settings
-from torch_pruning_ext.pruner import IntraFusionPruner, check_sparsity
+from torch_pruning_ext.pruner import IntraFusionPruner
 from torch_pruning_ext.results import check_output_path, format_table, write_rows
 from torch_pruning_ext.bn_folding import FOLD_MODES
 
@@ -28,29 +27,7 @@ ROOT = Path(__file__).resolve().parent
 DATA_CRITERIA = ("taylor", "chip")
 
 
-class OneLineParser(argparse.ArgumentParser):
-    """Bad input ends with one line naming the problem and exit code 2."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def choice(allowed, what):
-    def check(value):
-        if value not in allowed:
-            raise argparse.ArgumentTypeError(f"unknown {what} {value!r}; choose one of: {', '.join(allowed)}")
-        return value
-    return check
-
-
-def sparsity(value):
-    try:
-        return check_sparsity(float(value))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"sparsity must be a number in [0, 1), got {value!r}") from None
-
-
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> OneLineParser:
     parser = OneLineParser(prog="main.py", description=__doc__.splitlines()[0])
     add = parser.add_argument
     add("--model-name", "--model_name", default="vgg11_bn", type=choice(list(MODEL_BUILDERS), "model"))
@@ -143,13 +120,7 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except (ValueError, CheckpointError, DatasetUnavailable) as error:
-        print(f"main.py: error: {error}", file=sys.stderr)
-        return 2
+    return run_cli("main.py", run, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

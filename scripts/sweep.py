@@ -17,13 +17,13 @@ from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from torch_pruning_ext.checkpoints import CheckpointError, load_model, resolve_checkpoint  # noqa: E402
-from torch_pruning_ext.data import (DATASETS, DatasetUnavailable, calibration_batches, calibration_set,  # noqa: E402
-                                    dataset_info, load_split, normalize)
+from torch_pruning_ext.checkpoints import load_model, resolve_checkpoint  # noqa: E402
+from torch_pruning_ext.cli import run_cli, sparsity  # noqa: E402
+from torch_pruning_ext.data import (DATASETS, calibration_batches, calibration_set, dataset_info,  # noqa: E402
+                                    load_split, normalize)
 from torch_pruning_ext.importance import CRITERIA  # noqa: E402
 from torch_pruning_ext.models import MODEL_BUILDERS  # noqa: E402
 from torch_pruning_ext.protocol import METHODS, Protocol, Settings, cell_identity  # noqa: E402
-from torch_pruning_ext.pruner import check_sparsity  # noqa: E402
 from torch_pruning_ext.results import read_rows, row_key, write_rows  # noqa: E402
 
 DATA_CRITERIA = ("taylor", "chip")
@@ -39,13 +39,6 @@ def parse_shard(text: str) -> tuple[int, int]:
     return index, count
 
 
-def parse_sparsity(text: str) -> float:
-    try:
-        return check_sparsity(float(text))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"sparsity must be a number in [0, 1), got {text!r}") from None
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add = parser.add_argument
@@ -59,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--criteria", nargs="+", choices=CRITERIA, default=["l1", "taylor"])
     add("--groups", nargs="+", default=["all-single"],
         help="group indices, 'all-single' (every group alone, default) and/or 'whole' (all groups together)")
-    add("--sparsities", nargs="+", type=parse_sparsity, default=[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7])
+    add("--sparsities", nargs="+", type=sparsity, default=[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7])
     add("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
     add("--shard", type=parse_shard, default=(1, 1), help="run cells i, i+N, i+2N, ... (1-based i/N)")
     add("--taylor-batches", type=int, default=5)
@@ -133,7 +126,7 @@ def sweep(args) -> int:
         for cell in plan_cells(settings, groups, args.sparsities, args.methods):
             planned.append((model, settings, cell))
     mine = planned[index - 1::count]
-    pending = [job for job in mine if row_key(_as_text(cell_identity(job[1], *job[2]))) not in done]
+    pending = [job for job in mine if row_key(cell_identity(job[1], *job[2])) not in done]
     print(f"{len(planned)} cells in the sweep, {len(mine)} in shard {index}/{count}, "
           f"{len(mine) - len(pending)} already done, {len(pending)} to run", file=sys.stderr)
     protocols: dict[Settings, Protocol] = {}
@@ -149,17 +142,8 @@ def sweep(args) -> int:
     return 0
 
 
-def _as_text(row: dict) -> dict:
-    return {k: ("" if v is None else str(v)) for k, v in row.items()}
-
-
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return sweep(args)
-    except (ValueError, CheckpointError, DatasetUnavailable) as error:
-        print(f"sweep.py: error: {error}", file=sys.stderr)
-        return 2
+    return run_cli("sweep.py", sweep, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -21,8 +21,8 @@ def check_output_path(path: str | Path) -> Path:
 
 
 def row_key(row: dict) -> tuple:
-    """Identity of a row: every field except the measured ones."""
-    return tuple(sorted((k, str(v)) for k, v in row.items() if k not in METRICS))
+    """Identity of a row: every field except the measured ones, as text (CSV rows are text)."""
+    return tuple(sorted((k, "" if v is None else str(v)) for k, v in row.items() if k not in METRICS))
 
 
 def read_rows(path: str | Path) -> list[dict]:
@@ -34,15 +34,11 @@ def read_rows(path: str | Path) -> list[dict]:
     return list(csv.DictReader(io.StringIO(path.read_text())))
 
 
-def _normalise(row: dict) -> dict:
-    return {k: ("" if v is None else str(v)) for k, v in row.items()}
-
-
 def merge_rows(existing: list[dict], new: list[dict]) -> list[dict]:
     """Existing rows are kept; a new row replaces an existing one with the same settings."""
-    merged = {row_key(_normalise(row)): row for row in existing}
+    merged = {row_key(row): row for row in existing}
     for row in new:
-        merged[row_key(_normalise(row))] = row
+        merged[row_key(row)] = row
     return list(merged.values())
 
 

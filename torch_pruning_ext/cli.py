@@ -1,0 +1,43 @@
+"""Shared command-line plumbing: argument types and one-line errors with exit code 2."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .checkpoints import CheckpointError
+from .data import DatasetUnavailable
+from .pruner import check_sparsity
+
+USER_ERRORS = (ValueError, CheckpointError, DatasetUnavailable)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Bad input ends with one line naming the problem and exit code 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def choice(allowed, what):
+    """An argparse type accepting only `allowed`, with a message that lists them."""
+    def check(value):
+        if value not in allowed:
+            raise argparse.ArgumentTypeError(f"unknown {what} {value!r}; choose one of: {', '.join(allowed)}")
+        return value
+    return check
+
+
+def sparsity(value):
+    try:
+        return check_sparsity(float(value))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"sparsity must be a number in [0, 1), got {value!r}") from None
+
+
+def run_cli(prog: str, function, args) -> int:
+    """Run `function(args)`; a user error becomes one line on stderr and exit code 2."""
+    try:
+        return function(args)
+    except USER_ERRORS as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return 2
