@@ -55,6 +55,8 @@ def build_parser() -> OneLineParser:
     add("--output", default=None, help="write rows to FILE.csv or FILE.json (merged with rows already there)")
     add("--no-reuse", "--no_reuse", action="store_true",
         help="evaluate every cell with a full forward pass instead of reusing the unchanged prefix")
+    add("--save-pruned", "--save_pruned", default=None, metavar="DIR",
+        help="save every pruned model to DIR (load with torch_pruning_ext.load_pruned)")
     add("--list-groups", "--list_groups", action="store_true", help="print the model's groups and exit")
     return parser
 
@@ -102,7 +104,7 @@ def run(args) -> int:
         settings = Settings(args.model_name, args.dataset, criterion, args.p, args.source_prob, args.target_prob,
                             args.target, args.solver, args.bn_fold, args.seed)
         protocol = Protocol(loaded.model, settings, inputs, test.labels, batches, args.batch_size, device,
-                            reuse=not args.no_reuse)
+                            reuse=not args.no_reuse, save_dir=args.save_pruned)
         criterion_rows = [protocol.base_row()]
         cells = [(g, s, m) for g in args.group_idxs for s in args.sparsities for m in args.methods]
         for group, s, method in tqdm(cells, desc=f"{args.model_name} {criterion}", unit="cell"):

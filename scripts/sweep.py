@@ -60,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--seed", type=int, default=0)
     add("--bn-fold", choices=["reference", "exact"], default="reference")
     add("--device", default="cpu")
+    add("--save-pruned", default=None, metavar="DIR", help="save every pruned model to DIR")
     return parser
 
 
@@ -134,7 +135,7 @@ def sweep(args) -> int:
         if settings not in protocols:
             protocols.clear()  # one protocol (and its activation cache) at a time
             protocols[settings] = Protocol(model, settings, inputs, test.labels, batches, args.batch_size,
-                                           args.device)
+                                           args.device, save_dir=args.save_pruned)
         protocol = protocols[settings]
         row = protocol.base_row() if method == "base" else protocol.run_cell(group, sparsity, method)
         with locked(run_dir):

@@ -166,3 +166,13 @@ def test_prefix_reuse_gives_identical_numbers(tiny_data, name, groups):
         rows[reuse] += [protocol.run_cell(groups[:2], 0.3, "intra_fusion_fp")]
     strip = lambda rs: [{k: v for k, v in r.items() if k != "prune_seconds"} for r in rs]  # noqa: E731
     assert strip(rows[True]) == strip(rows[False])
+
+
+def test_save_pruned_from_the_cli(tiny_data, checkpoints, capsys, tmp_path):
+    from torch_pruning_ext import load_pruned
+    args = ["--checkpoint", checkpoints[("vgg11_bn", 10)], "--data-dir", tiny_data, "--group_idxs", 2,
+            "--sparsities", 0.5, "--methods", "intra_fusion", "--save-pruned", tmp_path / "pruned"]
+    assert run_main(capsys, *args)[0] == 0
+    saved = tmp_path / "pruned" / "vgg11_bn_fashion-mnist_l1_g2_s0.5_intra_fusion.pt"
+    model = load_pruned(saved)
+    assert model.features[18].out_channels == 256 and model.features[22].in_channels == 256

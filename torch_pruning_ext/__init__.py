@@ -5,7 +5,8 @@ from .groups import GroupInfo, list_groups
 from .importance import CRITERIA, build_importance
 from .optimal_transport import OptimalTransport
 from .pruner import GroupResult, IntraFusionPruner
+from .serialization import load_pruned, save_pruned
 
 __all__ = ["CRITERIA", "FOLD_MODES", "FUSION_RULES", "GroupInfo", "GroupResult", "IntraFusionPruner",
            "OptimalTransport", "build_importance", "channel_features", "fold_batchnorms", "group_members",
-           "identity_map", "list_groups", "transport_maps"]
+           "identity_map", "list_groups", "load_pruned", "save_pruned", "transport_maps"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import time
+from pathlib import Path
 from dataclasses import asdict, dataclass
 
 import torch
@@ -17,6 +18,7 @@ from .evaluation import accuracy
 from .groups import output_layers
 from .optimal_transport import OptimalTransport
 from .pruner import IntraFusionPruner
+from .serialization import save_pruned
 from .staged import PrefixCache, first_stage, has_stages, run_stages
 
 # method name -> fusion rule (None: default pruning, no transport)
@@ -52,6 +54,11 @@ def cell_identity(settings: Settings, group, sparsity: float, method: str) -> di
     return head | fields
 
 
+def num_outputs(model: nn.Module) -> int:
+    """Number of outputs of the model's last Linear layer."""
+    return [m for m in model.modules() if isinstance(m, nn.Linear)][-1].out_features
+
+
 def check_method(method: str) -> None:
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
@@ -65,13 +72,15 @@ class Protocol:
     """
 
     def __init__(self, model: nn.Module, settings: Settings, test_inputs: torch.Tensor, test_labels: torch.Tensor,
-                 calibration_batches=None, batch_size: int = 500, device="cpu", reuse: bool = True):
+                 calibration_batches=None, batch_size: int = 500, device="cpu", reuse: bool = True,
+                 save_dir=None):
         self.settings = settings
         self.model = model.eval()
         self.inputs, self.labels = test_inputs, test_labels
         self.batch_size, self.device = batch_size, torch.device(device)
         self.example = test_inputs[:1]
         self.calibration_batches = calibration_batches
+        self.save_dir = save_dir
         self.settings.transport()  # validate the options before any work
         self.folded = copy.deepcopy(model).eval()
         fold_batchnorms(self.folded, self.example, settings.bn_fold)
@@ -132,4 +141,10 @@ class Protocol:
         model, _, seconds = self.prune_copy(groups, sparsity, method)
         label = group if isinstance(group, int) else "all" if groups == list(range(self.num_groups)) \
             else " ".join(map(str, groups))
-        return self._row(model, label, sparsity, method, seconds, groups)
+        row = self._row(model, label, sparsity, method, seconds, groups)
+        if self.save_dir is not None:
+            s = self.settings
+            name = f"{s.model}_{s.dataset}_{s.criterion}_g{str(label).replace(' ', '-')}_s{sparsity:g}_{method}.pt"
+            save_pruned(model.cpu(), Path(self.save_dir) / name, s.model, int(num_outputs(model)),
+                        metadata=row)
+        return row

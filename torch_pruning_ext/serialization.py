@@ -1,0 +1,80 @@
+"""Save a pruned model so that it loads back without the unpruned checkpoint.
+
+The file holds the state dict and how to build the architecture (a model name of this package, or
+the caller's builder at load time). Loading builds the architecture, shrinks every Conv/Linear/BN
+to the shapes in the state dict, and loads the weights: an exact copy, as a plain nn.Module that can
+be pruned again.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from .files import atomic_torch_save
+from .models import MODEL_BUILDERS, build_model
+
+FORMAT = "torch_pruning_ext.pruned_model/1"
+
+
+class NotAPrunedModel(ValueError):
+    """The file is not a model saved by save_pruned."""
+
+
+def save_pruned(model: nn.Module, path: str | Path, model_name: str | None = None, num_classes: int | None = None,
+                metadata: dict | None = None) -> None:
+    """Write `model` to `path` atomically. model_name/num_classes name a model of this package;
+    without them, load_pruned needs a `builder` that returns the unpruned architecture."""
+    if model_name is not None and model_name not in MODEL_BUILDERS:
+        raise ValueError(f"unknown model {model_name!r}; choose one of: {', '.join(MODEL_BUILDERS)}, or None")
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    atomic_torch_save({"format": FORMAT, "model_name": model_name, "num_classes": num_classes,
+                       "class": f"{type(model).__module__}.{type(model).__qualname__}",
+                       "state_dict": state, "metadata": metadata or {}}, path)
+
+
+def _resize(module: nn.Module, state: dict, prefix: str) -> None:
+    """Give `module` the parameter/buffer shapes found in `state` and matching size attributes."""
+    for name, tensor in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
+        key = prefix + name
+        if key not in state or tensor is None or state[key].shape == tensor.shape:
+            continue
+        replacement = torch.empty_like(state[key], dtype=tensor.dtype)
+        if isinstance(tensor, nn.Parameter):
+            setattr(module, name, nn.Parameter(replacement, requires_grad=tensor.requires_grad))
+        else:
+            setattr(module, name, replacement)
+    if getattr(module, "bias", False) is None and prefix + "bias" in state:  # folding added a bias
+        module.bias = nn.Parameter(torch.empty_like(state[prefix + "bias"]))
+    weight = getattr(module, "weight", None)
+    if isinstance(module, nn.modules.conv._ConvNd) and weight is not None:
+        module.out_channels = weight.shape[1] * module.groups if module.transposed else weight.shape[0]
+        module.in_channels = weight.shape[0] if module.transposed else weight.shape[1] * module.groups
+    elif isinstance(module, nn.Linear):
+        module.out_features, module.in_features = weight.shape
+    elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+        module.num_features = state.get(prefix + "running_mean", weight).shape[0]
+
+
+def load_pruned(path: str | Path, builder=None, map_location="cpu") -> nn.Module:
+    """Load a model written by save_pruned; `builder()` must return the unpruned architecture when
+    the file names no model of this package."""
+    try:
+        saved = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:
+        raise NotAPrunedModel(f"{path} is not a saved pruned model: cannot be read ({type(error).__name__})") from None
+    if not isinstance(saved, dict) or saved.get("format") != FORMAT:
+        raise NotAPrunedModel(f"{path} is not a saved pruned model (no {FORMAT!r} format tag); "
+                              "save one with torch_pruning_ext.save_pruned")
+    if builder is not None:
+        model = builder()
+    elif saved["model_name"] is not None:
+        model = build_model(saved["model_name"], saved["num_classes"])
+    else:
+        raise ValueError(f"{path} holds a {saved['class']}; pass builder=<function returning the unpruned model>")
+    state = saved["state_dict"]
+    for name, module in model.named_modules():
+        _resize(module, state, f"{name}." if name else "")
+    model.load_state_dict(state)
+    return model.eval()
