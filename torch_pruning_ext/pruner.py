@@ -131,7 +131,7 @@ class IntraFusionPruner:
         threshold = flat.sort().values[budget - 1] if budget > 0 else -math.inf
         plan = {}
         for index in indices:
-            order = scores[index].argsort()
+            order = scores[index].argsort(stable=True)
             count = min(int((scores[index] <= threshold).sum()), len(order) - 1)
             plan[index] = order[:count].tolist()
         return plan
@@ -144,7 +144,7 @@ class IntraFusionPruner:
         check_finite_group(group, self.names)
         if planned is None:
             scores = self._scores(group)
-            pruned = scores.argsort()[: n - kept_count(n, sparsity)].tolist()
+            pruned = scores.argsort(stable=True)[: n - kept_count(n, sparsity)].tolist()
         else:
             scores, pruned = (self._scores(group) if transport is not None else None), planned
         seconds["importance"] = time.perf_counter() - started
