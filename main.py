@@ -18,7 +18,8 @@ from torch_pruning_ext.groups import describe_groups
 from torch_pruning_ext.importance import CRITERIA
 from torch_pruning_ext.models import MODEL_BUILDERS
 from torch_pruning_ext.optimal_transport import PROBABILITIES, SOLVERS, TARGETS
-from torch_pruning_ext.protocol import METHODS, Protocol, Settings
+from torch_pruning_ext.protocol import METHODS, Protocol, Settings, repair_images
+from torch_pruning_ext.repair import REPAIR_MODES
 from torch_pruning_ext.pruner import IntraFusionPruner
 from torch_pruning_ext.results import check_output_path, format_table, write_rows
 from torch_pruning_ext.bn_folding import FOLD_MODES
@@ -47,6 +48,9 @@ def build_parser() -> OneLineParser:
     add("--solver", default="emd", type=choice(SOLVERS, "solver"))
     add("--bn-fold", "--bn_fold", default="reference", type=choice(FOLD_MODES, "bn fold mode"),
         help="reference = the released fold (no eps); exact = output-preserving")
+    add("--repair", default="none", type=choice(REPAIR_MODES, "repair mode"),
+        help="after pruning, restore channel statistics: data (unlabelled images) or datafree (BN statistics)")
+    add("--repair-samples", "--repair_samples", type=int, default=1024, help="images for --repair data")
     add("--gpu_id", "--gpu-id", type=int, default=-1, help="CUDA device index, -1 = CPU")
     add("--device", default=None, help="torch device string, overrides --gpu_id (cpu, cuda:0, ...)")
     add("--taylor-batches", "--taylor_batches", type=int, default=5, help="training batches for taylor/chip")
@@ -74,8 +78,8 @@ def pick_device(args) -> torch.device:
 
 def run(args) -> int:
     device = pick_device(args)
-    if args.taylor_batches < 1 or args.batch_size < 1:
-        raise ValueError("--taylor-batches and --batch-size must be positive integers")
+    if args.taylor_batches < 1 or args.batch_size < 1 or args.repair_samples < 1:
+        raise ValueError("--taylor-batches, --batch-size and --repair-samples must be positive integers")
     output = check_output_path(args.output) if args.output else None
     info = dataset_info(args.dataset)
     path = resolve_checkpoint(args.model_name, args.dataset, args.checkpoint, ROOT)
@@ -97,14 +101,18 @@ def run(args) -> int:
     if set(args.importance_criteria) & set(DATA_CRITERIA):
         batches = calibration_batches(calibration_set(args.dataset, args.data_dir, not args.no_download), info, args.taylor_batches,
                                       128, args.seed)
+    repair_inputs = None
+    if args.repair == "data":
+        repair_inputs = repair_images(calibration_set(args.dataset, args.data_dir, not args.no_download), info,
+                                      args.repair_samples, args.seed)
     print(f"{args.model_name} on {args.dataset} ({len(test)} test images), checkpoint {loaded.source}",
           file=sys.stderr)
     rows = []
     for criterion in args.importance_criteria:
         settings = Settings(args.model_name, args.dataset, criterion, args.p, args.source_prob, args.target_prob,
-                            args.target, args.solver, args.bn_fold, args.seed)
+                            args.target, args.solver, args.bn_fold, args.seed, args.repair)
         protocol = Protocol(loaded.model, settings, inputs, test.labels, batches, args.batch_size, device,
-                            reuse=not args.no_reuse, save_dir=args.save_pruned)
+                            reuse=not args.no_reuse, save_dir=args.save_pruned, repair_inputs=repair_inputs)
         criterion_rows = [protocol.base_row()]
         cells = [(g, s, m) for g in args.group_idxs for s in args.sparsities for m in args.methods]
         for group, s, method in tqdm(cells, desc=f"{args.model_name} {criterion}", unit="cell"):

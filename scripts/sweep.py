@@ -23,7 +23,7 @@ from torch_pruning_ext.data import (DATASETS, calibration_batches, calibration_s
                                     load_split, normalize)
 from torch_pruning_ext.importance import CRITERIA  # noqa: E402
 from torch_pruning_ext.models import MODEL_BUILDERS  # noqa: E402
-from torch_pruning_ext.protocol import METHODS, Protocol, Settings, cell_identity  # noqa: E402
+from torch_pruning_ext.protocol import METHODS, Protocol, Settings, cell_identity, repair_images  # noqa: E402
 from torch_pruning_ext.results import read_rows, row_key, write_rows  # noqa: E402
 
 DATA_CRITERIA = ("taylor", "chip")
@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--seed", type=int, default=0)
     add("--bn-fold", choices=["reference", "exact"], default="reference")
     add("--device", default="cpu")
+    add("--repair", nargs="+", choices=["none", "data", "datafree"], default=["none"],
+        help="repair modes to sweep (each is its own set of rows)")
+    add("--repair-samples", type=int, default=1024)
     add("--save-pruned", default=None, metavar="DIR", help="save every pruned model to DIR")
     return parser
 
@@ -115,14 +118,21 @@ def sweep(args) -> int:
         path = resolve_checkpoint(model_name, args.dataset, checkpoints.get(model_name), ROOT)
         loaded = load_model(path, model_name, args.dataset, info.num_classes)
         for criterion in args.criteria:
-            settings = Settings(model_name, args.dataset, criterion, bn_fold=args.bn_fold, seed=args.seed)
-            jobs.append((loaded.model, settings))
+            for repair in args.repair:
+                settings = Settings(model_name, args.dataset, criterion, bn_fold=args.bn_fold, seed=args.seed,
+                                    repair=repair)
+                jobs.append((loaded.model, settings))
+    repair_inputs = None
+    if "data" in args.repair:
+        repair_inputs = repair_images(calibration_set(args.dataset, args.data_dir, not args.no_download), info,
+                                      args.repair_samples, args.seed)
     index, count = args.shard
     with locked(run_dir):
         done = {row_key(row) for row in read_rows(results)}
     planned = []
     for model, settings in jobs:
-        probe = Protocol(model, settings, inputs[:1], test.labels[:1], batches, reuse=False)
+        probe = Protocol(model, settings, inputs[:1], test.labels[:1], batches, reuse=False,
+                         repair_inputs=repair_inputs)
         groups = expand_groups(args.groups, probe.num_groups, settings.model)
         for cell in plan_cells(settings, groups, args.sparsities, args.methods):
             planned.append((model, settings, cell))
@@ -135,7 +145,7 @@ def sweep(args) -> int:
         if settings not in protocols:
             protocols.clear()  # one protocol (and its activation cache) at a time
             protocols[settings] = Protocol(model, settings, inputs, test.labels, batches, args.batch_size,
-                                           args.device, save_dir=args.save_pruned)
+                                           args.device, save_dir=args.save_pruned, repair_inputs=repair_inputs)
         protocol = protocols[settings]
         row = protocol.base_row() if method == "base" else protocol.run_cell(group, sparsity, method)
         with locked(run_dir):

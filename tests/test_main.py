@@ -176,3 +176,15 @@ def test_save_pruned_from_the_cli(tiny_data, checkpoints, capsys, tmp_path):
     saved = tmp_path / "pruned" / "vgg11_bn_fashion-mnist_l1_g2_s0.5_intra_fusion.pt"
     model = load_pruned(saved)
     assert model.features[18].out_channels == 256 and model.features[22].in_channels == 256
+
+
+def test_repair_modes_from_the_cli(tiny_data, checkpoints, capsys, tmp_path):
+    args = ["--checkpoint", checkpoints[("vgg11_bn", 10)], "--data-dir", tiny_data, "--group_idxs", 1,
+            "--sparsities", 0.7, "--methods", "intra_fusion", "--output", tmp_path / "rows.csv"]
+    for mode in ("none", "data", "datafree"):
+        assert run_main(capsys, *args, "--repair", mode, "--repair-samples", 64)[0] == 0
+    rows = read_rows(tmp_path / "rows.csv")
+    assert sorted({r["repair"] for r in rows}) == ["data", "datafree", "none"]
+    assert len([r for r in rows if r["method"] == "intra_fusion"]) == 3
+    code, _, err = run_main(capsys, *args, "--repair", "data", "--repair-samples", 5000)
+    assert code == 2 and "--repair-samples 5000 is more than the 256" in err

@@ -81,6 +81,26 @@ def group_members(group, n: int, names: dict) -> list[Member]:
     return members
 
 
+def layer_roles(group, n: int, names: dict) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Conv/Linear producers (name -> channel positions) and consumer names of any group.
+
+    Unlike group_members this never refuses a group: it serves bookkeeping, not fusion.
+    """
+    producers, consumers = {}, []
+    for item in group.items:
+        module, fn = item.dep.target.module, item.dep.handler
+        if not isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)) or module not in names:
+            continue
+        if fn in _PRODUCER_FNS:
+            try:
+                producers[names[module]] = _positions(item.idxs, item.root_idxs, n, names[module])
+            except UnsupportedGroup:
+                continue
+        elif fn in _CONSUMER_FNS:
+            consumers.append(names[module])
+    return producers, consumers
+
+
 def _rows(member: Member, tensor: torch.Tensor) -> torch.Tensor:
     """(n, replicas, rest) view of a weight's channel slices along its pruned dimension."""
     dim = 0 if member.role == "producer" else 1

@@ -14,10 +14,12 @@ import torch.nn as nn
 import torch_pruning as tp
 
 from .bn_folding import fold_batchnorms
+from .data import normalize
 from .evaluation import accuracy
 from .groups import output_layers
 from .optimal_transport import OptimalTransport
 from .pruner import IntraFusionPruner
+from .repair import check_mode as check_repair, repair_with_data, repair_without_data
 from .serialization import save_pruned
 from .staged import PrefixCache, first_stage, has_stages, run_stages
 
@@ -40,6 +42,7 @@ class Settings:
     solver: str = "emd"
     bn_fold: str = "reference"
     seed: int = 0
+    repair: str = "none"
 
     def transport(self) -> OptimalTransport:
         return OptimalTransport(p=self.p, source_prob=self.source_prob, target_prob=self.target_prob,
@@ -59,6 +62,14 @@ def num_outputs(model: nn.Module) -> int:
     return [m for m in model.modules() if isinstance(m, nn.Linear)][-1].out_features
 
 
+def repair_images(pool, info, count: int, seed: int) -> torch.Tensor:
+    """`count` unlabelled, normalised images drawn (with the seed) from a calibration pool."""
+    if count > len(pool):
+        raise ValueError(f"--repair-samples {count} is more than the {len(pool)} calibration images available")
+    order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))[:count]
+    return normalize(pool.images[order], info)
+
+
 def check_method(method: str) -> None:
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
@@ -73,7 +84,7 @@ class Protocol:
 
     def __init__(self, model: nn.Module, settings: Settings, test_inputs: torch.Tensor, test_labels: torch.Tensor,
                  calibration_batches=None, batch_size: int = 500, device="cpu", reuse: bool = True,
-                 save_dir=None):
+                 save_dir=None, repair_inputs: torch.Tensor | None = None):
         self.settings = settings
         self.model = model.eval()
         self.inputs, self.labels = test_inputs, test_labels
@@ -82,8 +93,13 @@ class Protocol:
         self.calibration_batches = calibration_batches
         self.save_dir = save_dir
         self.settings.transport()  # validate the options before any work
+        check_repair(settings.repair)
+        if settings.repair == "data" and repair_inputs is None:
+            raise ValueError("repair mode 'data' needs unlabelled images (repair_inputs)")
+        self.repair_inputs = repair_inputs
         self.folded = copy.deepcopy(model).eval()
-        fold_batchnorms(self.folded, self.example, settings.bn_fold)
+        self.batchnorm_of = {pair.layer: pair.batchnorm
+                             for pair in fold_batchnorms(self.folded, self.example, settings.bn_fold)}
         self.ignored_names = self._ignored_names()
         groups = IntraFusionPruner(self.folded, self.example, fold_bn=None,
                                    ignored_layers=self._ignored(self.folded)).groups()
@@ -132,7 +148,15 @@ class Protocol:
         rule = METHODS[method]
         results = pruner.prune(groups, sparsity, self.settings.transport() if rule else None,
                                fusion_rule=rule or "reference")
+        self._repair(model, pruner, results)
         return model, results, time.perf_counter() - started
+
+    def _repair(self, model: nn.Module, pruner: IntraFusionPruner, results) -> None:
+        if self.settings.repair == "data":
+            layers = sorted({name for r in results for name in r.producers + r.consumers})
+            repair_with_data(self.folded, model, layers, pruner.channel_origin, self.repair_inputs)
+        elif self.settings.repair == "datafree":
+            repair_without_data(self.model, self.folded, model, results, pruner.channel_origin, self.batchnorm_of)
 
     def run_cell(self, group, sparsity: float, method: str) -> dict:
         """One row: `group` is an index, a list of indices, or "all" (whole-network pruning)."""

@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch_pruning as tp
 
 from .bn_folding import FOLD_MODES, FoldedPair, fold_batchnorms
-from .fusion import (UnsupportedGroup, channel_features, fuse_members, group_members,
+from .fusion import (UnsupportedGroup, channel_features, fuse_members, group_members, layer_roles,
                      prune_channels, transport_maps, zero_channels, FUSION_RULES)
 from .groups import GroupInfo, describe_groups, full_group, numbered_roots, output_layers
 from .importance import build_importance, needs_data
@@ -31,6 +31,9 @@ class GroupResult:
     fused: bool
     fallback_reason: str | None = None
     seconds: dict = field(default_factory=dict)
+    producers: list[str] = field(default_factory=list)  # layers whose out-channels were pruned/fused
+    consumers: list[str] = field(default_factory=list)  # layers whose in-channels were pruned/fused
+    producer_map: torch.Tensor | None = None  # k x n map applied to the producers' rows, if fused
 
 
 def kept_count(channels: int, sparsity: float) -> int:
@@ -76,6 +79,8 @@ class IntraFusionPruner:
             ignored_layers = output_layers(self.graph)
         self.roots = numbered_roots(model, self.graph, ignored_layers)
         self.names = {module: name for name, module in model.named_modules()}
+        # layer name -> original index of each current out-channel, for layers that lost channels
+        self.channel_origin: dict[str, torch.Tensor] = {}
 
     @property
     def num_groups(self) -> int:
@@ -149,7 +154,9 @@ class IntraFusionPruner:
             scores, pruned = (self._scores(group) if transport is not None else None), planned
         seconds["importance"] = time.perf_counter() - started
         kept = torch.tensor(sorted(set(range(n)) - set(pruned)), dtype=torch.long)
-        result = GroupResult(index, n, sorted(pruned), fused=False, seconds=seconds)
+        producers, consumers = layer_roles(group, n, self.names)
+        result = GroupResult(index, n, sorted(pruned), fused=False, seconds=seconds, producers=list(producers),
+                             consumers=consumers)
         if pruned and transport is not None:
             try:
                 members = group_members(group, n, self.names)
@@ -165,16 +172,25 @@ class IntraFusionPruner:
                 started = time.perf_counter()
                 fuse_members(members, kept, producer_map, consumer_map)
                 seconds["fusion"] = time.perf_counter() - started
-                result.fused = True
+                result.fused, result.producer_map = True, producer_map
         started = time.perf_counter()
         if keep_shape:
             zero_channels(group_members(group, n, self.names) if pruned else [], torch.tensor(pruned))
         else:
+            self._track_origins(producers, kept)
             prune_channels(self.graph, group, pruned)
         seconds["slicing"] = time.perf_counter() - started
         if needs_data(self.importance):
             self.model.zero_grad(set_to_none=True)
         return result
+
+    def _track_origins(self, producers: dict[str, torch.Tensor], kept: torch.Tensor) -> None:
+        modules = dict(self.model.named_modules())
+        for name, positions in producers.items():
+            layer = modules[name]
+            current = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
+            origin = self.channel_origin.get(name, torch.arange(current))
+            self.channel_origin[name] = origin[positions[kept].flatten()]
 
 
 def check_finite_group(group, names) -> None:

@@ -1,0 +1,74 @@
+import copy
+
+import pytest
+import torch
+
+from tests.test_pruner import FirstOfPairs, _make_twins
+from torch_pruning_ext import IntraFusionPruner, OptimalTransport, fold_batchnorms, load_pruned, save_pruned
+from torch_pruning_ext.repair import layer_statistics, repair_with_data, repair_without_data
+
+
+def _folded(make_model, name="vgg11_bn"):
+    model = make_model(name)
+    folded = copy.deepcopy(model)
+    pairs = fold_batchnorms(folded, torch.randn(1, 3, 32, 32), "exact")
+    return model, folded, {p.layer: p.batchnorm for p in pairs}
+
+
+def test_repair_of_an_unpruned_model_changes_nothing(make_model):
+    _, folded, _ = _folded(make_model)
+    repaired = copy.deepcopy(folded)
+    layers = [n for n, m in repaired.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    inputs = torch.randn(64, 3, 32, 32)
+    repair_with_data(folded, repaired, layers, {}, inputs, batch_size=32)
+    x = torch.randn(8, 3, 32, 32)
+    assert torch.allclose(repaired(x), folded(x), atol=1e-5, rtol=1e-5)
+
+
+def _pruned(folded, groups=(1, 6), sparsity=0.7):
+    model = copy.deepcopy(folded)
+    pruner = IntraFusionPruner(model, torch.randn(1, 3, 32, 32), fold_bn=None)
+    results = pruner.prune(list(groups), sparsity, OptimalTransport())
+    return model, pruner, results
+
+
+def test_data_repair_restores_statistics_and_is_deterministic(make_model, tmp_path):
+    _, folded, _ = _folded(make_model)
+    inputs = torch.randn(96, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    repaired = []
+    for _ in range(2):
+        model, pruner, results = _pruned(folded)
+        layers = sorted({n for r in results for n in r.producers + r.consumers})
+        repair_with_data(folded, model, layers, pruner.channel_origin, inputs, batch_size=48)
+        repaired.append(model)
+    x = torch.randn(4, 3, 32, 32)
+    assert torch.equal(repaired[0](x), repaired[1](x))
+    model, name = repaired[0], "features.4"  # producer of group 6
+    after = layer_statistics(model, [name], inputs)[name]
+    before = layer_statistics(folded, [name], inputs)[name]
+    origin = dict(_pruned(folded)[1].channel_origin)[name]
+    assert torch.allclose(after[0], before[0][origin], atol=1e-4)
+    assert torch.allclose(after[1], before[1][origin], rtol=1e-3, atol=1e-5)
+    save_pruned(model, tmp_path / "repaired.pt", "vgg11_bn", 10)
+    assert torch.equal(load_pruned(tmp_path / "repaired.pt")(x), model(x))
+
+
+@pytest.mark.parametrize("rule", ["function_preserving", "reference"])
+def test_datafree_repair_undoes_twin_scaling(make_model, rule):
+    original = make_model("vgg11_bn")
+    x = torch.randn(4, 3, 32, 32)
+    folded = copy.deepcopy(original)
+    pruner = IntraFusionPruner(folded, x[:1], importance=FirstOfPairs(), fold_bn="exact")
+    _make_twins(folded, pruner, 2)
+    # the unfolded original must describe the same twins: give the twin BN the same statistics
+    half = 256
+    for bn_name in ("features.19",):
+        bn = dict(original.named_modules())[bn_name]
+        for tensor in (bn.running_mean, bn.running_var, bn.weight.data, bn.bias.data):
+            tensor[half:] = tensor[:half]
+    reference_model = copy.deepcopy(folded)
+    before = folded(x)
+    results = pruner.prune([2], 0.5, OptimalTransport(), fusion_rule=rule)
+    repair_without_data(original, reference_model, folded, results, pruner.channel_origin,
+                        {"features.18": "features.19"})
+    assert (folded(x) - before).abs().max() < 1e-4

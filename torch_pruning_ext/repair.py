@@ -1,0 +1,165 @@
+"""Repair after pruning: give the changed channels back the mean and spread they had.
+
+Fusing or dropping channels shifts the statistics of the kept channels and of the layers that read
+them; the next layers were trained on the old statistics. An affine correction per channel (REPAIR,
+Jordan et al. 2023) is folded straight into the layer's weights and bias, so the repaired model is
+still a plain network.
+
+- "data": statistics measured on unlabelled images in the original and the pruned model, layer by
+  layer in execution order (each layer is measured after the earlier ones were corrected).
+- "datafree": the pruned producers' statistics predicted from the original BatchNorm statistics and
+  the transport map, with no data (consumers are left alone: their input distribution is unknown).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+REPAIR_MODES = ("none", "data", "datafree")
+_EPS = 1e-8
+
+
+class _StopForward(Exception):
+    pass
+
+
+def check_mode(mode: str) -> None:
+    if mode not in REPAIR_MODES:
+        raise ValueError(f"unknown repair mode {mode!r}; choose one of: {', '.join(REPAIR_MODES)}")
+
+
+def _out_channels(layer: nn.Module) -> int:
+    return layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
+
+
+@torch.inference_mode()
+def layer_statistics(model: nn.Module, names: list[str], inputs: torch.Tensor, batch_size: int = 256,
+                     stop_after: str | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per-output-channel mean and std of the named layers over `inputs` (eval mode)."""
+    modules = dict(model.named_modules())
+    sums: dict[str, list] = {name: [0, 0, 0] for name in names}
+
+    def hook(name):
+        def record(_, __, output):
+            values = output.detach().double().transpose(0, 1).reshape(output.shape[1], -1)
+            total = sums[name]
+            total[0] = total[0] + values.sum(1)
+            total[1] = total[1] + (values ** 2).sum(1)
+            total[2] += values.shape[1]
+            if name == stop_after:
+                raise _StopForward
+        return record
+
+    handles = [modules[name].register_forward_hook(hook(name)) for name in names]
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, inputs.shape[0], batch_size):
+            try:
+                model(inputs[start:start + batch_size])
+            except _StopForward:
+                pass
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    stats = {}
+    for name, (total, squares, count) in sums.items():
+        mean = total / count
+        stats[name] = (mean, (squares / count - mean ** 2).clamp_min(0).sqrt())
+    return stats
+
+
+@torch.no_grad()
+def apply_affine(layer: nn.Module, scale: torch.Tensor, shift: torch.Tensor) -> None:
+    """Make the layer output `scale * y + shift` per output channel (folded into weight and bias)."""
+    shape = (-1,) + (1,) * (layer.weight.dim() - 1)
+    layer.weight.mul_(scale.view(shape).to(layer.weight.dtype))
+    bias = layer.bias if layer.bias is not None else torch.zeros(_out_channels(layer), dtype=layer.weight.dtype)
+    new_bias = (bias.double() * scale + shift).to(layer.weight.dtype)
+    if layer.bias is None:
+        layer.bias = nn.Parameter(new_bias)
+    else:
+        layer.bias.copy_(new_bias)
+
+
+def _correction(mean_p, std_p, mean_o, std_o):
+    """Scale and shift taking (mean_p, std_p) to (mean_o, std_o); dead channels stay dead."""
+    alive = std_p > _EPS
+    scale = torch.where(alive, std_o / std_p.clamp_min(_EPS), torch.ones_like(std_p))
+    shift = torch.where(alive | (mean_p.abs() > _EPS), mean_o - scale * mean_p, torch.zeros_like(mean_p))
+    return scale, shift
+
+
+def execution_order(model: nn.Module, names: list[str], example: torch.Tensor) -> list[str]:
+    order = []
+    modules = dict(model.named_modules())
+    handles = [modules[n].register_forward_hook(lambda m, i, o, n=n: order.append(n) if n not in order else None)
+               for n in names]
+    try:
+        with torch.inference_mode():
+            model.eval()(example)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return order
+
+
+def repair_with_data(original: nn.Module, pruned: nn.Module, layers: list[str],
+                     channel_origin: dict[str, torch.Tensor], inputs: torch.Tensor, batch_size: int = 256) -> None:
+    """Match each named layer's output statistics in `pruned` to those of `original` (same names).
+
+    channel_origin maps a pruned layer's out-channels to the original channels they stand for
+    (layers absent from it kept all their channels).
+    """
+    order = execution_order(pruned, layers, inputs[:2])
+    reference = layer_statistics(original, order, inputs, batch_size)
+    for name in order:
+        layer = dict(pruned.named_modules())[name]
+        mean_p, std_p = layer_statistics(pruned, [name], inputs, batch_size, stop_after=name)[name]
+        origin = channel_origin.get(name, torch.arange(_out_channels(layer)))
+        mean_o, std_o = reference[name][0][origin], reference[name][1][origin]
+        apply_affine(layer, *_correction(mean_p, std_p, mean_o, std_o))
+
+
+def _folded_channel_stats(bn: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std of a BN's output in the original model, from its running statistics."""
+    gamma = bn.weight.detach().double() if bn.affine else torch.ones_like(bn.running_var, dtype=torch.float64)
+    beta = bn.bias.detach().double() if bn.affine else torch.zeros_like(gamma)
+    var = bn.running_var.double()
+    return beta, gamma.abs() * torch.sqrt(var / (var + bn.eps))
+
+
+def repair_without_data(original_unfolded: nn.Module, original_folded: nn.Module, pruned: nn.Module,
+                        results, channel_origin: dict[str, torch.Tensor], bn_of: dict[str, str]) -> None:
+    """Data-free repair of fused producers: predict each fused channel's mean/std from the original
+    BN statistics and the producer map (correlations estimated by the cosine similarity of the
+    channels' weight rows), and correct it to the statistics of the channel it stands for."""
+    unfolded, folded = dict(original_unfolded.named_modules()), dict(original_folded.named_modules())
+    current = dict(pruned.named_modules())
+    for result in results:
+        if result.producer_map is None:
+            continue
+        for name in result.producers:
+            if name not in bn_of:
+                continue
+            mean, std = _folded_channel_stats(unfolded[bn_of[name]])
+            rows = folded[name].weight.detach().double().flatten(1)
+            unit = rows / rows.norm(dim=1, keepdim=True).clamp_min(_EPS)
+            correlation = unit @ unit.t()
+            origin = channel_origin.get(name, torch.arange(len(mean)))
+            # the map acts on the channels present before this group was pruned: restrict to them
+            before = _origin_before(result, origin, len(mean))
+            mix = result.producer_map.double()
+            mean_p = mix @ mean[before]
+            cov = correlation[before][:, before] * torch.outer(std[before], std[before])
+            std_p = torch.einsum("ji,ik,jk->j", mix, cov, mix).clamp_min(0).sqrt()
+            scale, shift = _correction(mean_p, std_p, mean[origin], std[origin])
+            apply_affine(current[name], scale, shift)
+
+
+def _origin_before(result, origin_after: torch.Tensor, original_count: int) -> torch.Tensor:
+    """Original indices of the channels a group saw, given those left after it (kept in order)."""
+    if result.channels == original_count:
+        return torch.arange(original_count)
+    raise ValueError("data-free repair needs each layer pruned at most once")
