@@ -15,7 +15,7 @@ from torch_pruning_ext.checkpoints import load_model, resolve_checkpoint
 from torch_pruning_ext.cli import OneLineParser, choice, run_cli, sparsity
 from torch_pruning_ext.data import DATASETS, calibration_batches, calibration_set, dataset_info, load_split, normalize
 from torch_pruning_ext.groups import describe_groups
-from torch_pruning_ext.importance import CRITERIA
+from torch_pruning_ext.importance import CRITERIA, build_importance, needs_data
 from torch_pruning_ext.models import MODEL_BUILDERS
 from torch_pruning_ext.optimal_transport import PROBABILITIES, SOLVERS, TARGETS
 from torch_pruning_ext.protocol import METHODS, Protocol, Settings, repair_images
@@ -25,7 +25,6 @@ from torch_pruning_ext.results import check_output_path, format_table, write_row
 from torch_pruning_ext.bn_folding import FOLD_MODES
 
 ROOT = Path(__file__).resolve().parent
-DATA_CRITERIA = ("taylor", "chip")
 
 
 def build_parser() -> OneLineParser:
@@ -98,7 +97,7 @@ def run(args) -> int:
     test = load_split(args.dataset, "test", args.data_dir, download=not args.no_download)
     inputs = normalize(test.images, info)
     batches = None
-    if set(args.importance_criteria) & set(DATA_CRITERIA):
+    if any(needs_data(build_importance(c)) for c in args.importance_criteria):
         batches = calibration_batches(calibration_set(args.dataset, args.data_dir, not args.no_download), info, args.taylor_batches,
                                       128, args.seed)
     repair_inputs = None

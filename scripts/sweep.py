@@ -21,12 +21,11 @@ from torch_pruning_ext.checkpoints import load_model, resolve_checkpoint  # noqa
 from torch_pruning_ext.cli import run_cli, sparsity  # noqa: E402
 from torch_pruning_ext.data import (DATASETS, calibration_batches, calibration_set, dataset_info,  # noqa: E402
                                     load_split, normalize)
-from torch_pruning_ext.importance import CRITERIA  # noqa: E402
+from torch_pruning_ext.importance import CRITERIA, build_importance, needs_data  # noqa: E402
 from torch_pruning_ext.models import MODEL_BUILDERS  # noqa: E402
 from torch_pruning_ext.protocol import METHODS, Protocol, Settings, cell_identity, repair_images  # noqa: E402
 from torch_pruning_ext.results import read_rows, row_key, write_rows  # noqa: E402
 
-DATA_CRITERIA = ("taylor", "chip")
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -109,7 +108,7 @@ def sweep(args) -> int:
     test = load_split(args.dataset, "test", args.data_dir, download=not args.no_download)
     inputs = normalize(test.images, info)
     batches = None
-    if set(args.criteria) & set(DATA_CRITERIA):
+    if any(needs_data(build_importance(c)) for c in args.criteria):
         batches = calibration_batches(calibration_set(args.dataset, args.data_dir, not args.no_download), info,
                                       args.taylor_batches, 128, args.seed)
     # The full, ordered cell list: identical in every shard, so shards partition it exactly.

@@ -94,7 +94,7 @@ def test_random_is_seeded_and_names_are_checked():
     first = build_importance("random")(group)
     torch.manual_seed(3)
     assert torch.equal(first, build_importance("random")(group))
-    assert set(CRITERIA) == {"l1", "l2", "linf", "taylor", "lamp", "random", "chip"}
+    assert set(CRITERIA) == {"l1", "l2", "linf", "taylor", "lamp", "random", "chip", "taylor_fm", "thinet"}
     custom = tp.importance.GroupMagnitudeImportance(p=2)
     assert build_importance(custom) is custom
 
@@ -105,4 +105,43 @@ def test_pruner_uses_calibration_batches_for_taylor():
                                calibration_batches=_batches())
     result = pruner.prune([pruner.roots.index(model.conv1)], 0.1)[0]
     assert result.pruned == [2] and model.conv1.out_channels == 5
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("criterion", ["taylor_fm", "thinet"])
+def test_activation_criteria_rank_a_dead_channel_last(criterion):
+    model = _tiny_with_dead_channel()
+    pruner, group = _group(model, model.conv1)
+    importance = build_importance(criterion)
+    importance.prepare(model, group, _batches())
+    scores = importance(group)
+    assert scores.shape == (6,) and scores.argmin().item() == 2
+
+
+def test_thinet_prefers_the_channel_that_reconstructs_the_next_layer():
+    torch.manual_seed(0)
+    model = Tiny().eval()
+    with torch.no_grad():
+        model.conv2.weight[:, 4] *= 0.01  # channel 4 barely reaches conv2's output
+    pruner, group = _group(model, model.conv1)
+    importance = build_importance("thinet")
+    importance.prepare(model, group, _batches())
+    assert importance(group).argmin().item() == 4
+
+
+def test_thinet_greedy_order_on_a_known_case():
+    from torch_pruning_ext.importance import greedy_removal_order
+    contributions = torch.tensor([[1.0, -1.0, 5.0, 0.1], [1.0, -1.0, 5.0, 0.1]])
+    # channels 0 and 1 cancel each other: after removing 3 (smallest), 0 or 1, then its partner
+    order = greedy_removal_order(contributions)
+    assert order[3] == 0 and order[2] == 3 and set(order[:2].tolist()) == {1.0, 2.0}
+
+
+def test_feature_map_taylor_is_normalised_per_layer():
+    model = _tiny_with_dead_channel()
+    pruner, group = _group(model, model.conv1)
+    importance = build_importance("taylor_fm")
+    importance.prepare(model, group, _batches())
+    scores = importance(group)
+    assert scores.norm().item() == pytest.approx(1.0, rel=1e-5)
     assert all(p.grad is None for p in model.parameters())

@@ -56,7 +56,8 @@ def test_output_merges_with_rows_already_there(tiny_data, checkpoints, capsys, t
 
 def test_taylor_and_chip_are_deterministic(tiny_data, checkpoints, capsys, tmp_path):
     args = ["--checkpoint", checkpoints[("vgg11_bn", 10)], "--data-dir", tiny_data, "--group_idxs", 0,
-            "--sparsities", 0.5, "--importance_criteria", "taylor", "chip", "random", "--taylor-batches", 1]
+            "--sparsities", 0.5, "--importance_criteria", "taylor", "chip", "random", "taylor_fm", "thinet",
+            "--taylor-batches", 1]
     assert run_main(capsys, *args, "--output", tmp_path / "a.csv")[0] == 0
     assert run_main(capsys, *args, "--output", tmp_path / "b.csv")[0] == 0
     assert (tmp_path / "a.csv").read_text().count("taylor") >= 3

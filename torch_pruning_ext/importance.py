@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import torch_pruning as tp
 from torch_pruning.pruner import function as fn
 
-CRITERIA = ("l1", "l2", "linf", "taylor", "lamp", "random", "chip")
+CRITERIA = ("l1", "l2", "linf", "taylor", "lamp", "random", "chip", "taylor_fm", "thinet")
 _WEIGHTED = [nn.modules.conv._ConvNd, nn.Linear]
 
 
@@ -112,6 +112,166 @@ class ChipImportance(tp.importance.Importance):
         return scores
 
 
+def _producers(group):
+    return [item for item in group.items
+            if item.dep.pruning_fn in (fn.prune_conv_out_channels, fn.prune_linear_out_channels)]
+
+
+def _run_batches(model: nn.Module, batches, with_grad: bool) -> None:
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        for inputs, labels in batches:
+            if with_grad:
+                F.cross_entropy(model(inputs.to(device)), labels.to(device)).backward()
+            else:
+                with torch.no_grad():
+                    model(inputs.to(device))
+    finally:
+        model.train(was_training)
+
+
+class FeatureMapTaylorImportance(tp.importance.Importance):
+    """Feature-map Taylor expansion (Molchanov et al., ICLR 2017).
+
+    Per channel: |spatial mean of activation x gradient| per sample, averaged over the calibration
+    batches, L2-normalised per producing layer; a residual group averages its producers.
+    """
+    needs_data = True
+
+    def __init__(self):
+        self._scores: torch.Tensor | None = None
+
+    def prepare(self, model: nn.Module, group, batches) -> None:
+        producers = _producers(group)
+        totals = {id(item): torch.zeros(item.dep.layer.weight.shape[0], dtype=torch.float64) for item in producers}
+        counts = {id(item): 0 for item in producers}
+        handles = []
+
+        def forward_hook(item):
+            def hook(_, __, output):
+                def on_grad(grad):
+                    product = (output.detach() * grad).double()
+                    per_sample = product.flatten(2).mean(2) if product.dim() > 2 else product
+                    totals[id(item)].add_(per_sample.abs().sum(0).cpu())
+                    counts[id(item)] += per_sample.shape[0]
+                output.register_hook(on_grad)
+            return hook
+
+        for item in producers:
+            handles.append(item.dep.layer.register_forward_hook(forward_hook(item)))
+        try:
+            _run_batches(model, batches, with_grad=True)
+        finally:
+            for handle in handles:
+                handle.remove()
+            model.zero_grad(set_to_none=True)
+        n = len(group[0].idxs)
+        scores = torch.zeros(n, dtype=torch.float64)
+        for item in producers:
+            layer_scores = totals[id(item)] / max(counts[id(item)], 1)
+            layer_scores = layer_scores / layer_scores.norm().clamp_min(1e-12)
+            scores.index_add_(0, torch.tensor(item.root_idxs), layer_scores[item.idxs])
+        self._scores = (scores / max(len(producers), 1)).float()
+
+    def __call__(self, group):
+        if self._scores is None:
+            raise RuntimeError("taylor_fm importance needs gradients of feature maps: pass calibration batches")
+        scores, self._scores = self._scores, None
+        return scores
+
+
+class ThiNetImportance(tp.importance.Importance):
+    """ThiNet (Luo et al., ICCV 2017): greedily remove the channels whose contribution to sampled
+    outputs of the next layer(s) is smallest in sum; the removal order is the importance.
+
+    samples: number of (image, output channel, location) samples per consuming layer.
+    """
+    needs_data = True
+
+    def __init__(self, samples: int = 1024, seed: int = 0):
+        if samples < 1:
+            raise ValueError(f"thinet samples must be a positive integer, got {samples!r}")
+        self.samples, self.seed = samples, seed
+        self._scores: torch.Tensor | None = None
+
+    def prepare(self, model: nn.Module, group, batches) -> None:
+        n = len(group[0].idxs)
+        consumers = [item for item in group.items
+                     if item.dep.pruning_fn in (fn.prune_conv_in_channels, fn.prune_linear_in_channels)
+                     and getattr(item.dep.layer, "groups", 1) == 1]
+        inputs = {id(item): [] for item in consumers}
+        handles = [item.dep.layer.register_forward_pre_hook(
+            lambda m, args, item=item: inputs[id(item)].append(args[0].detach().cpu())) for item in consumers]
+        try:
+            _run_batches(model, batches, with_grad=False)
+        finally:
+            for handle in handles:
+                handle.remove()
+        generator = torch.Generator().manual_seed(self.seed)
+        parts = [self._contributions(item, torch.cat(inputs[id(item)]), n, generator) for item in consumers]
+        if not parts:
+            raise ValueError("thinet needs a Conv/Linear layer that consumes the group's channels")
+        self._scores = greedy_removal_order(torch.cat(parts, dim=0))
+
+    def _contributions(self, item, x: torch.Tensor, n: int, generator) -> torch.Tensor:
+        """(samples, n): what each group channel adds to a sampled output value of the consumer."""
+        layer = item.dep.layer
+        weight = layer.weight.detach().double().cpu()
+        roots = torch.tensor(item.root_idxs)
+        positions = torch.tensor(item.idxs)
+        count = self.samples
+        images = torch.randint(0, x.shape[0], (count,), generator=generator)
+        outputs = torch.randint(0, weight.shape[0], (count,), generator=generator)
+        if isinstance(layer, nn.Linear):
+            per_input = weight[outputs] * x.flatten(1)[images].double()  # (samples, in_features)
+        else:
+            per_input = (sample_patches(layer, x, images, generator) * weight[outputs]).flatten(2).sum(2)
+        result = torch.zeros(count, n, dtype=torch.float64)
+        result.index_add_(1, roots, per_input[:, positions])
+        return result
+
+    def __call__(self, group):
+        if self._scores is None:
+            raise RuntimeError("thinet importance needs activations: pass calibration batches")
+        scores, self._scores = self._scores, None
+        return scores
+
+
+def sample_patches(layer: nn.Module, x: torch.Tensor, images: torch.Tensor, generator) -> torch.Tensor:
+    """The input patch (C, kh, kw) under one random output location of `layer`, per sampled image."""
+    (kh, kw), (sh, sw), (dh, dw) = layer.kernel_size, layer.stride, layer.dilation
+    if isinstance(layer.padding, str):
+        raise ValueError(f"thinet does not support padding={layer.padding!r}")
+    ph, pw = layer.padding
+    padded = F.pad(x, (pw, pw, ph, ph))
+    out_h = (padded.shape[2] - dh * (kh - 1) - 1) // sh + 1
+    out_w = (padded.shape[3] - dw * (kw - 1) - 1) // sw + 1
+    count = len(images)
+    ys = torch.randint(0, out_h, (count, 1), generator=generator) * sh + torch.arange(kh) * dh
+    xs = torch.randint(0, out_w, (count, 1), generator=generator) * sw + torch.arange(kw) * dw
+    patches = padded[images[:, None, None], :, ys[:, :, None], xs[:, None, :]]  # (count, kh, kw, C)
+    return patches.permute(0, 3, 1, 2).double()
+
+
+def greedy_removal_order(contributions: torch.Tensor) -> torch.Tensor:
+    """Score channels by ThiNet's greedy order: the channel whose removal adds least to the squared
+    reconstruction error goes first (score 0), the last one left scores n-1."""
+    samples, n = contributions.shape
+    removed_sum = torch.zeros(samples, dtype=contributions.dtype)
+    remaining = torch.ones(n, dtype=torch.bool)
+    scores = torch.empty(n)
+    for rank in range(n):
+        errors = ((removed_sum.unsqueeze(1) + contributions) ** 2).sum(0)
+        errors[~remaining] = float("inf")
+        choice = int(errors.argmin())
+        scores[choice] = rank
+        remaining[choice] = False
+        removed_sum += contributions[:, choice]
+    return scores
+
+
 def channel_independence(features: torch.Tensor) -> torch.Tensor:
     """Mean over images of ||A||_* - ||A with row c zeroed||_* for feature maps A (N, C, pixels)."""
     _, channels, _ = features.shape
@@ -138,6 +298,8 @@ def build_importance(criterion) -> tp.importance.Importance:
         "lamp": tp.importance.LAMPImportance,
         "random": tp.importance.RandomImportance,
         "chip": ChipImportance,
+        "taylor_fm": FeatureMapTaylorImportance,
+        "thinet": ThiNetImportance,
     }
     if criterion not in builders:
         raise ValueError(f"unknown importance criterion {criterion!r}; choose one of: {', '.join(CRITERIA)}, "
