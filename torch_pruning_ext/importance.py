@@ -284,6 +284,35 @@ def channel_independence(features: torch.Tensor) -> torch.Tensor:
     return total / features.shape[0]
 
 
+class GateImportance(tp.importance.Importance):
+    """Channel gates learned by gated training (sparse_training.add_gates): a group's score is the
+    mean gate value of its producing layers' channels."""
+
+    def __init__(self, gates: dict[str, torch.Tensor]):
+        if not gates:
+            raise ValueError("importance 'gate' needs a checkpoint trained with channel gates "
+                             "(scripts/train_sparse.py --method gates); this one has none")
+        self.gates = {name: value.detach().float().flatten() for name, value in gates.items()}
+        self._names: dict[nn.Module, str] = {}
+
+    def prepare(self, model: nn.Module, group, batches) -> None:
+        self._names = {module: name for name, module in model.named_modules()}
+
+    def __call__(self, group):
+        n = len(group[0].idxs)
+        total, count = torch.zeros(n), 0
+        for item in _producers(group):
+            name = self._names.get(item.dep.layer)
+            gates = self.gates.get(name)
+            if gates is None or len(gates) != item.dep.layer.weight.shape[0]:
+                continue
+            total.index_add_(0, torch.tensor(item.root_idxs), gates[item.idxs])
+            count += 1
+        if count == 0:
+            raise ValueError("no learned channel gates for the layers of this group")
+        return total / count
+
+
 def build_importance(criterion) -> tp.importance.Importance:
     """An importance object for a criterion name, or the torch-pruning Importance given."""
     if isinstance(criterion, tp.importance.Importance):

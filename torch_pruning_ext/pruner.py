@@ -100,7 +100,7 @@ class IntraFusionPruner:
         return indices
 
     def _scores(self, group) -> torch.Tensor:
-        if needs_data(self.importance):
+        if callable(getattr(self.importance, "prepare", None)):
             self.importance.prepare(self.model, group, self.calibration_batches)
         scores = self.importance(group)
         if scores is None:
