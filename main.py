@@ -15,7 +15,7 @@ from torch_pruning_ext.checkpoints import load_model, resolve_checkpoint
 from torch_pruning_ext.cli import OneLineParser, choice, run_cli, sparsity
 from torch_pruning_ext.data import DATASETS, calibration_batches, calibration_set, dataset_info, load_split, normalize
 from torch_pruning_ext.groups import describe_groups
-from torch_pruning_ext.importance import CRITERIA, build_importance, needs_data
+from torch_pruning_ext.importance import CRITERIA, DATA_CRITERIA
 from torch_pruning_ext.models import MODEL_BUILDERS
 from torch_pruning_ext.optimal_transport import PROBABILITIES, SOLVERS, TARGETS
 from torch_pruning_ext.protocol import METHODS, Protocol, Settings, repair_images
@@ -50,6 +50,8 @@ def build_parser() -> OneLineParser:
     add("--repair", default="none", type=choice(REPAIR_MODES, "repair mode"),
         help="after pruning, restore channel statistics: data (unlabelled images) or datafree (BN statistics)")
     add("--repair-samples", "--repair_samples", type=int, default=1024, help="images for --repair data")
+    add("--finetune-epochs", "--finetune_epochs", type=float, default=0,
+        help="fine-tune every pruned model this many epochs (fractions allowed; default 0 = data-free)")
     add("--gpu_id", "--gpu-id", type=int, default=-1, help="CUDA device index, -1 = CPU")
     add("--device", default=None, help="torch device string, overrides --gpu_id (cpu, cuda:0, ...)")
     add("--taylor-batches", "--taylor_batches", type=int, default=5, help="training batches for taylor/chip")
@@ -97,21 +99,26 @@ def run(args) -> int:
     test = load_split(args.dataset, "test", args.data_dir, download=not args.no_download)
     inputs = normalize(test.images, info)
     batches = None
-    if any(needs_data(build_importance(c)) for c in args.importance_criteria):
+    if set(args.importance_criteria) & set(DATA_CRITERIA):
         batches = calibration_batches(calibration_set(args.dataset, args.data_dir, not args.no_download), info, args.taylor_batches,
                                       128, args.seed)
     repair_inputs = None
     if args.repair == "data":
         repair_inputs = repair_images(calibration_set(args.dataset, args.data_dir, not args.no_download), info,
                                       args.repair_samples, args.seed)
+    train_set = None
+    if args.finetune_epochs > 0:
+        train_set = load_split(args.dataset, "train", args.data_dir, download=not args.no_download)
+        print(f"fine-tuning on {len(train_set)} training images", file=sys.stderr)
     print(f"{args.model_name} on {args.dataset} ({len(test)} test images), checkpoint {loaded.source}",
           file=sys.stderr)
     rows = []
     for criterion in args.importance_criteria:
         settings = Settings(args.model_name, args.dataset, criterion, args.p, args.source_prob, args.target_prob,
-                            args.target, args.solver, args.bn_fold, args.seed, args.repair)
+                            args.target, args.solver, args.bn_fold, args.seed, args.repair, args.finetune_epochs)
         protocol = Protocol(loaded.model, settings, inputs, test.labels, batches, args.batch_size, device,
-                            reuse=not args.no_reuse, save_dir=args.save_pruned, repair_inputs=repair_inputs)
+                            reuse=not args.no_reuse, save_dir=args.save_pruned, repair_inputs=repair_inputs,
+                            train_set=train_set, gates=loaded.gates)
         criterion_rows = [protocol.base_row()]
         cells = [(g, s, m) for g in args.group_idxs for s in args.sparsities for m in args.methods]
         for group, s, method in tqdm(cells, desc=f"{args.model_name} {criterion}", unit="cell"):

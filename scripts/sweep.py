@@ -21,7 +21,7 @@ from torch_pruning_ext.checkpoints import load_model, resolve_checkpoint  # noqa
 from torch_pruning_ext.cli import run_cli, sparsity  # noqa: E402
 from torch_pruning_ext.data import (DATASETS, calibration_batches, calibration_set, dataset_info,  # noqa: E402
                                     load_split, normalize)
-from torch_pruning_ext.importance import CRITERIA, build_importance, needs_data  # noqa: E402
+from torch_pruning_ext.importance import CRITERIA, DATA_CRITERIA  # noqa: E402
 from torch_pruning_ext.models import MODEL_BUILDERS  # noqa: E402
 from torch_pruning_ext.protocol import METHODS, Protocol, Settings, cell_identity, repair_images  # noqa: E402
 from torch_pruning_ext.results import read_rows, row_key, write_rows  # noqa: E402
@@ -62,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--repair", nargs="+", choices=["none", "data", "datafree"], default=["none"],
         help="repair modes to sweep (each is its own set of rows)")
     add("--repair-samples", type=int, default=1024)
+    add("--finetune-epochs", type=float, default=0, help="fine-tune every pruned model (default 0: data-free)")
     add("--save-pruned", default=None, metavar="DIR", help="save every pruned model to DIR")
     return parser
 
@@ -108,7 +109,7 @@ def sweep(args) -> int:
     test = load_split(args.dataset, "test", args.data_dir, download=not args.no_download)
     inputs = normalize(test.images, info)
     batches = None
-    if any(needs_data(build_importance(c)) for c in args.criteria):
+    if set(args.criteria) & set(DATA_CRITERIA):
         batches = calibration_batches(calibration_set(args.dataset, args.data_dir, not args.no_download), info,
                                       args.taylor_batches, 128, args.seed)
     # The full, ordered cell list: identical in every shard, so shards partition it exactly.
@@ -119,32 +120,36 @@ def sweep(args) -> int:
         for criterion in args.criteria:
             for repair in args.repair:
                 settings = Settings(model_name, args.dataset, criterion, bn_fold=args.bn_fold, seed=args.seed,
-                                    repair=repair)
-                jobs.append((loaded.model, settings))
+                                    repair=repair, finetune_epochs=args.finetune_epochs)
+                jobs.append((loaded, settings))
     repair_inputs = None
     if "data" in args.repair:
         repair_inputs = repair_images(calibration_set(args.dataset, args.data_dir, not args.no_download), info,
                                       args.repair_samples, args.seed)
+    train_set = None
+    if args.finetune_epochs > 0:
+        train_set = load_split(args.dataset, "train", args.data_dir, download=not args.no_download)
     index, count = args.shard
     with locked(run_dir):
         done = {row_key(row) for row in read_rows(results)}
     planned = []
-    for model, settings in jobs:
-        probe = Protocol(model, settings, inputs[:1], test.labels[:1], batches, reuse=False,
-                         repair_inputs=repair_inputs)
+    for loaded, settings in jobs:
+        probe = Protocol(loaded.model, settings, inputs[:1], test.labels[:1], batches, reuse=False,
+                         repair_inputs=repair_inputs, train_set=train_set, gates=loaded.gates)
         groups = expand_groups(args.groups, probe.num_groups, settings.model)
         for cell in plan_cells(settings, groups, args.sparsities, args.methods):
-            planned.append((model, settings, cell))
+            planned.append((loaded, settings, cell))
     mine = planned[index - 1::count]
     pending = [job for job in mine if row_key(cell_identity(job[1], *job[2])) not in done]
     print(f"{len(planned)} cells in the sweep, {len(mine)} in shard {index}/{count}, "
           f"{len(mine) - len(pending)} already done, {len(pending)} to run", file=sys.stderr)
     protocols: dict[Settings, Protocol] = {}
-    for model, settings, (group, sparsity, method) in tqdm(pending, unit="cell", desc="sweep"):
+    for loaded, settings, (group, sparsity, method) in tqdm(pending, unit="cell", desc="sweep"):
         if settings not in protocols:
             protocols.clear()  # one protocol (and its activation cache) at a time
-            protocols[settings] = Protocol(model, settings, inputs, test.labels, batches, args.batch_size,
-                                           args.device, save_dir=args.save_pruned, repair_inputs=repair_inputs)
+            protocols[settings] = Protocol(loaded.model, settings, inputs, test.labels, batches, args.batch_size,
+                                           args.device, save_dir=args.save_pruned, repair_inputs=repair_inputs,
+                                           train_set=train_set, gates=loaded.gates)
         protocol = protocols[settings]
         row = protocol.base_row() if method == "base" else protocol.run_cell(group, sparsity, method)
         with locked(run_dir):

@@ -94,7 +94,7 @@ def test_random_is_seeded_and_names_are_checked():
     first = build_importance("random")(group)
     torch.manual_seed(3)
     assert torch.equal(first, build_importance("random")(group))
-    assert set(CRITERIA) == {"l1", "l2", "linf", "taylor", "lamp", "random", "chip", "taylor_fm", "thinet"}
+    assert set(CRITERIA) == {"l1", "l2", "linf", "taylor", "lamp", "random", "chip", "taylor_fm", "thinet", "gate"}
     custom = tp.importance.GroupMagnitudeImportance(p=2)
     assert build_importance(custom) is custom
 
@@ -145,3 +145,9 @@ def test_feature_map_taylor_is_normalised_per_layer():
     scores = importance(group)
     assert scores.norm().item() == pytest.approx(1.0, rel=1e-5)
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_data_criteria_list_matches_the_objects():
+    from torch_pruning_ext.importance import DATA_CRITERIA, needs_data
+    built = {name: build_importance(name, gates={"x": torch.ones(1)}) for name in CRITERIA}
+    assert {name for name, imp in built.items() if needs_data(imp)} == set(DATA_CRITERIA)

@@ -189,3 +189,25 @@ def test_repair_modes_from_the_cli(tiny_data, checkpoints, capsys, tmp_path):
     assert len([r for r in rows if r["method"] == "intra_fusion"]) == 3
     code, _, err = run_main(capsys, *args, "--repair", "data", "--repair-samples", 5000)
     assert code == 2 and "--repair-samples 5000 is more than the 256" in err
+
+
+def test_finetuning_after_pruning(tiny_data, checkpoints, capsys, tmp_path):
+    args = ["--checkpoint", checkpoints[("vgg11_bn", 10)], "--data-dir", tiny_data, "--group_idxs", 1,
+            "--sparsities", 0.7, "--methods", "default", "--output", tmp_path / "rows.csv"]
+    assert run_main(capsys, *args, "--finetune-epochs", 0.25)[0] == 0
+    assert run_main(capsys, *args)[0] == 0
+    rows = [r for r in read_rows(tmp_path / "rows.csv") if r["method"] == "default"]
+    assert sorted(r["finetune_epochs"] for r in rows) == ["0", "0.25"]
+    tuned = [r for r in rows if r["finetune_epochs"] == "0.25"][0]
+    assert float(tuned["prune_seconds"]) > 0 and tuned["params"] == "5921493"
+
+
+def test_gate_criterion_needs_a_gated_checkpoint(tiny_data, checkpoints, capsys, tmp_path):
+    args = ["--data-dir", tiny_data, "--group_idxs", 7, "--sparsities", 0.5, "--importance_criteria", "gate"]
+    code, _, err = run_main(capsys, "--checkpoint", checkpoints[("vgg11_bn", 10)], *args)
+    assert code == 2 and "needs a checkpoint trained with channel gates" in err
+    state = torch.load(checkpoints[("vgg11_bn", 10)], weights_only=True)
+    state["gates"] = {"features.0": torch.linspace(0, 1, 64)}
+    torch.save(state, tmp_path / "gated.checkpoint")
+    code, out, _ = run_main(capsys, "--checkpoint", tmp_path / "gated.checkpoint", *args, "--output", tmp_path / "r.csv")
+    assert code == 0 and {r["criterion"] for r in read_rows(tmp_path / "r.csv")} == {"gate"}

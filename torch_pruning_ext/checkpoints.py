@@ -27,6 +27,7 @@ class LoadedCheckpoint:
     source: str
     test_accuracy: float | None
     metadata: dict
+    gates: dict  # learned channel gates (layer name -> values) of a gated checkpoint, else empty
 
 
 def zip_members(model_name: str, dataset: str) -> list[str]:
@@ -132,4 +133,5 @@ def load_model(path: str | Path, model_name: str, dataset: str, num_classes: int
         detail = first[1].strip() if len(first) > 1 else first[0]
         raise CheckpointError(f"checkpoint {path} does not fit {model_name}: {detail}") from None
     accuracy = state.get("test_accuracy")
-    return LoadedCheckpoint(model.eval(), str(path), None if accuracy is None else float(accuracy), metadata)
+    return LoadedCheckpoint(model.eval(), str(path), None if accuracy is None else float(accuracy), metadata,
+                            dict(state.get("gates") or {}))

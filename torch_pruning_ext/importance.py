@@ -11,7 +11,8 @@ import torch.nn.functional as F
 import torch_pruning as tp
 from torch_pruning.pruner import function as fn
 
-CRITERIA = ("l1", "l2", "linf", "taylor", "lamp", "random", "chip", "taylor_fm", "thinet")
+CRITERIA = ("l1", "l2", "linf", "taylor", "lamp", "random", "chip", "taylor_fm", "thinet", "gate")
+DATA_CRITERIA = ("taylor", "chip", "taylor_fm", "thinet")  # these need calibration batches
 _WEIGHTED = [nn.modules.conv._ConvNd, nn.Linear]
 
 
@@ -313,10 +314,15 @@ class GateImportance(tp.importance.Importance):
         return total / count
 
 
-def build_importance(criterion) -> tp.importance.Importance:
-    """An importance object for a criterion name, or the torch-pruning Importance given."""
+def build_importance(criterion, gates: dict | None = None) -> tp.importance.Importance:
+    """An importance object for a criterion name, or the torch-pruning Importance given.
+
+    gates: the learned channel gates of a gated checkpoint, for the criterion "gate".
+    """
     if isinstance(criterion, tp.importance.Importance):
         return criterion
+    if criterion == "gate":
+        return GateImportance(gates or {})
     builders = {
         "l1": lambda: tp.importance.GroupMagnitudeImportance(p=1, group_reduction="mean", normalizer="mean",
                                                              target_types=_WEIGHTED),

@@ -14,14 +14,16 @@ import torch.nn as nn
 import torch_pruning as tp
 
 from .bn_folding import fold_batchnorms
-from .data import normalize
+from .data import dataset_info, normalize
 from .evaluation import accuracy
 from .groups import output_layers
+from .importance import build_importance
 from .optimal_transport import OptimalTransport
 from .pruner import IntraFusionPruner
 from .repair import check_mode as check_repair, repair_with_data, repair_without_data
 from .serialization import save_pruned
 from .staged import PrefixCache, first_stage, has_stages, run_stages
+from .training import train
 
 # method name -> fusion rule (None: default pruning, no transport)
 METHODS = {"default": None, "intra_fusion": "reference", "intra_fusion_fp": "function_preserving"}
@@ -43,6 +45,7 @@ class Settings:
     bn_fold: str = "reference"
     seed: int = 0
     repair: str = "none"
+    finetune_epochs: float = 0
 
     def transport(self) -> OptimalTransport:
         return OptimalTransport(p=self.p, source_prob=self.source_prob, target_prob=self.target_prob,
@@ -84,7 +87,7 @@ class Protocol:
 
     def __init__(self, model: nn.Module, settings: Settings, test_inputs: torch.Tensor, test_labels: torch.Tensor,
                  calibration_batches=None, batch_size: int = 500, device="cpu", reuse: bool = True,
-                 save_dir=None, repair_inputs: torch.Tensor | None = None):
+                 save_dir=None, repair_inputs: torch.Tensor | None = None, train_set=None, gates=None):
         self.settings = settings
         self.model = model.eval()
         self.inputs, self.labels = test_inputs, test_labels
@@ -97,6 +100,12 @@ class Protocol:
         if settings.repair == "data" and repair_inputs is None:
             raise ValueError("repair mode 'data' needs unlabelled images (repair_inputs)")
         self.repair_inputs = repair_inputs
+        if settings.finetune_epochs < 0 or (settings.finetune_epochs > 0 and train_set is None):
+            raise ValueError(f"finetune_epochs={settings.finetune_epochs!r} needs a non-negative value and a "
+                             "training set")
+        self.train_set = train_set
+        self.gates = gates
+        build_importance(settings.criterion, gates)  # a bad criterion or missing gates fail here
         self.folded = copy.deepcopy(model).eval()
         self.batchnorm_of = {pair.layer: pair.batchnorm
                              for pair in fold_batchnorms(self.folded, self.example, settings.bn_fold)}
@@ -118,7 +127,7 @@ class Protocol:
         return [modules[name] for name in self.ignored_names]
 
     def _accuracy(self, model: nn.Module, groups) -> float:
-        if self.cache is None or groups is None:
+        if self.cache is None or groups is None or self.settings.finetune_epochs > 0:  # fine-tuning moves every layer
             return accuracy(model, self.inputs, self.labels, self.batch_size, self.device)
         start = first_stage(model, [name for g in groups for name in self.member_names[g]])
         logits = run_stages(model, self.cache.activations(start), start, None, self.batch_size, self.device)
@@ -142,13 +151,18 @@ class Protocol:
         torch.manual_seed(self.settings.seed)  # the random criterion and GMM draws repeat per cell
         model = copy.deepcopy(self.folded)
         started = time.perf_counter()
-        pruner = IntraFusionPruner(model, self.example, importance=self.settings.criterion, fold_bn=None,
+        pruner = IntraFusionPruner(model, self.example, importance=build_importance(self.settings.criterion, self.gates),
+                                   fold_bn=None,
                                    ignored_layers=self._ignored(model),
                                    calibration_batches=self.calibration_batches)
         rule = METHODS[method]
         results = pruner.prune(groups, sparsity, self.settings.transport() if rule else None,
                                fusion_rule=rule or "reference")
         self._repair(model, pruner, results)
+        if self.settings.finetune_epochs > 0:
+            train(model, self.train_set, dataset_info(self.settings.dataset), self.settings.finetune_epochs,
+                  lr=0.01, seed=self.settings.seed, device=self.device)
+            model.cpu()
         return model, results, time.perf_counter() - started
 
     def _repair(self, model: nn.Module, pruner: IntraFusionPruner, results) -> None:
