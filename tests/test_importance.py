@@ -60,14 +60,16 @@ def _batches(count=2):
             for _ in range(count)]
 
 
-@pytest.mark.parametrize("criterion", ["taylor", "chip"])
+@pytest.mark.parametrize("criterion", ["taylor", "chip", "taylor_fm", "thinet"])
 def test_data_criteria_rank_a_dead_channel_last(criterion):
     model = _tiny_with_dead_channel()
     pruner, group = _group(model, model.conv1)
     importance = build_importance(criterion)
     importance.prepare(model, group, _batches())
     scores = importance(group)
-    assert scores.shape == (6,) and scores.argmin().item() == 2 and scores[2].abs() < 1e-6
+    assert scores.shape == (6,) and scores.argmin().item() == 2
+    if criterion != "thinet":  # thinet scores are ranks; the others are zero for a dead channel
+        assert scores[2].abs() < 1e-6
 
 
 def test_taylor_without_gradients_is_an_error():
@@ -106,16 +108,6 @@ def test_pruner_uses_calibration_batches_for_taylor():
     result = pruner.prune([pruner.roots.index(model.conv1)], 0.1)[0]
     assert result.pruned == [2] and model.conv1.out_channels == 5
     assert all(p.grad is None for p in model.parameters())
-
-
-@pytest.mark.parametrize("criterion", ["taylor_fm", "thinet"])
-def test_activation_criteria_rank_a_dead_channel_last(criterion):
-    model = _tiny_with_dead_channel()
-    pruner, group = _group(model, model.conv1)
-    importance = build_importance(criterion)
-    importance.prepare(model, group, _batches())
-    scores = importance(group)
-    assert scores.shape == (6,) and scores.argmin().item() == 2
 
 
 def test_thinet_prefers_the_channel_that_reconstructs_the_next_layer():
