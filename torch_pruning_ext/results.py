@@ -34,22 +34,27 @@ def read_rows(path: str | Path) -> list[dict]:
     return list(csv.DictReader(io.StringIO(path.read_text())))
 
 
-def merge_rows(existing: list[dict], new: list[dict]) -> list[dict]:
+def merge_rows(existing: list[dict], new: list[dict], key=row_key) -> list[dict]:
     """Existing rows are kept; a new row replaces an existing one with the same settings."""
-    merged = {row_key(row): row for row in existing}
+    merged = {key(row): row for row in existing}
     for row in new:
-        merged[row_key(row)] = row
+        merged[key(row)] = row
     return list(merged.values())
 
 
-def write_rows(path: str | Path, rows: list[dict]) -> None:
-    """Merge `rows` into the file at `path` and replace it in one atomic rename."""
+def write_rows(path: str | Path, rows: list[dict], key=row_key, first_fields=RESULT_FIELDS) -> None:
+    """Merge `rows` into the file at `path` and replace it in one atomic rename.
+
+    key(row) names a row (default: all but the measurements); first_fields lead the CSV columns.
+    """
     path = check_output_path(path)
-    rows = merge_rows(read_rows(path), rows)
+    rows = merge_rows(read_rows(path), rows, key)
     if path.suffix.lower() == ".json":
         atomic_write_text(path, json.dumps(rows, indent=1) + "\n")
         return
-    fields = list(RESULT_FIELDS) + sorted({k for row in rows for k in row} - set(RESULT_FIELDS))
+    present = {k for row in rows for k in row}
+    leading = [f for f in first_fields if f in present]
+    fields = leading + sorted(present - set(leading))
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=fields)
     writer.writeheader()

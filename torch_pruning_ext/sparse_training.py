@@ -75,7 +75,7 @@ def fold_parametrizations(model: nn.Module) -> None:
 class MagnitudeThreshold(nn.Module):
     """Zero weights with |w| below a trainable threshold (straight-through gradient for w)."""
 
-    def __init__(self, initial: float = 0.0):
+    def __init__(self, initial: float = 1e-4):  # not 0: |t| has no gradient there
         super().__init__()
         self.threshold = nn.Parameter(torch.tensor(float(initial)))
 

@@ -1,0 +1,41 @@
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+import train_sparse  # noqa: E402
+from torch_pruning_ext.checkpoints import load_model  # noqa: E402
+from torch_pruning_ext.results import read_rows  # noqa: E402
+
+
+def run(method, tiny_data, checkpoints, out, *extra):
+    return train_sparse.main([method, "--checkpoint", str(checkpoints[("vgg11_bn", 10)]), "--data-dir", str(tiny_data),
+                              "--out-dir", str(out), "--epochs", "0.5", *extra])
+
+
+def test_gate_lambda_sweep_writes_checkpoints_histograms_and_summary(tiny_data, checkpoints, tmp_path):
+    assert run("gates", tiny_data, checkpoints, tmp_path, "--lambdas", "1e-5", "1e-3") == 0
+    rows = read_rows(tmp_path / "summary.csv")
+    assert [r["setting"] for r in rows] == ["lambda=1e-05", "lambda=0.001"]
+    assert all(0 <= float(r["gate_sparsity"]) <= 1 for r in rows)
+    assert (tmp_path / "gates_channel_1e-05.png").read_bytes()[:4] == b"\x89PNG"
+    saved = torch.load(tmp_path / "vgg11_bn_gates_channel_0.001.checkpoint", weights_only=True)
+    assert saved["gates"]["features.0"].shape == (64,) and "classifier" not in saved["gates"]
+    loaded = load_model(tmp_path / "vgg11_bn_gates_channel_0.001.checkpoint", "vgg11_bn", "fashion-mnist", 10)
+    assert loaded.gates and abs(float(rows[1]["accuracy"]) - 100 * saved["test_accuracy"]) < 1e-6
+
+
+def test_asl_and_magnitude_runs(tiny_data, checkpoints, tmp_path):
+    assert run("asl", tiny_data, checkpoints, tmp_path, "--starget", "0.5", "--lv", "10") == 0
+    assert run("magnitude", tiny_data, checkpoints, tmp_path, "--sparsities", "0.5", "0.9",
+               "--retrain-epochs", "0.5") == 0
+    rows = read_rows(tmp_path / "summary.csv")
+    methods = [r["method"] for r in rows]
+    assert methods.count("global magnitude") == 2 and methods.count("global magnitude + retraining") == 2
+    asl = [r for r in rows if r["method"].startswith("adaptive")][0]
+    assert float(asl["weight_sparsity"]) > 0
+    magnitude = {r["setting"]: r for r in rows if r["method"] == "global magnitude"}
+    assert abs(float(magnitude["s=0.9"]["weight_sparsity"]) - 0.9) < 1e-3
+    assert int(magnitude["s=0.9"]["sparse_bytes"]) < int(magnitude["s=0.9"]["dense_bytes"])
+    assert (tmp_path / "asl_adaptive_0.5_layers.csv").exists()
