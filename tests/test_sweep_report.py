@@ -98,3 +98,31 @@ def test_report_tables_summary_and_plots(tmp_path):
 def test_report_missing_file(tmp_path, capsys):
     assert report.main([str(tmp_path / "nope.csv")]) == 2
     assert "no such results file" in capsys.readouterr().err
+
+
+def test_footprint_report_marks_the_pareto_front(tmp_path):
+    import footprint_report
+    structured = tmp_path / "structured.csv"
+    structured.write_text(
+        "model,dataset,criterion,group,sparsity,method,accuracy,params,macs,prune_seconds,dense_bytes,"
+        "peak_activation_bytes\n"
+        "vgg,fm,l1,,0.0,base,93.0,100,10,0,400,64\n"
+        "vgg,fm,l1,1,0.5,default,80.0,50,5,0,200,32\n"
+        "vgg,fm,l1,1,0.5,intra_fusion,90.0,50,5,0,200,32\n"
+        "vgg,fm,l1,all,0.7,default,60.0,10,1,0,40,8\n")
+    unstructured = tmp_path / "summary.csv"
+    unstructured.write_text("model,dataset,method,setting,accuracy,params,nonzero_params,weight_sparsity,"
+                            "dense_bytes,sparse_bytes,peak_activation_bytes\n"
+                            "vgg,fm,global magnitude,s=0.9,85.0,100,10,0.9,400,150,64\n"
+                            "vgg,fm,global magnitude,s=0.5,92.0,100,50,0.5,400,450,64\n")
+    assert footprint_report.main(["--structured", str(structured), "--unstructured", str(unstructured),
+                                  "--out-dir", str(tmp_path)]) == 0
+    text = (tmp_path / "FOOTPRINT.md").read_text()
+    front = text.split("Pareto front")[1]
+    for expected in ("| default pruning (whole network) | group all s=0.7 | 60.00 |",
+                     "| global magnitude | s=0.9 | 85.00 |", "| Intra-Fusion | group 1 s=0.5 | 90.00 |",
+                     "| unpruned | unpruned | 93.00 |"):
+        assert expected in front
+    assert "| default pruning | group 1" not in front  # dominated by Intra-Fusion at the same size
+    assert "s=0.5 | 92.00" not in front  # CSR is larger than dense at 50%: no smaller than unpruned
+    assert (tmp_path / "footprint_vgg.png").read_bytes()[:4] == b"\x89PNG"

@@ -16,6 +16,7 @@ import torch_pruning as tp
 from .bn_folding import fold_batchnorms
 from .data import dataset_info, normalize
 from .evaluation import accuracy
+from .footprint import dense_bytes, peak_activation_bytes
 from .groups import output_layers
 from .importance import build_importance
 from .optimal_transport import OptimalTransport
@@ -138,7 +139,8 @@ class Protocol:
         macs, params = tp.utils.count_ops_and_params(model, self.example.to(self.device))
         acc = self._accuracy(model, groups)
         measured = {"accuracy": round(100 * acc, 4), "params": int(params), "macs": int(macs),
-                    "prune_seconds": round(seconds, 4)}
+                    "prune_seconds": round(seconds, 4), "dense_bytes": dense_bytes(model),
+                    "peak_activation_bytes": peak_activation_bytes(model, self.example.to(self.device))}
         return cell_identity(self.settings, group, sparsity, method) | measured
 
     def base_row(self) -> dict:

@@ -10,7 +10,7 @@ from .files import atomic_write_text
 from .protocol import RESULT_FIELDS
 
 FORMATS = (".csv", ".json")
-METRICS = ("accuracy", "params", "macs", "prune_seconds")
+METRICS = ("accuracy", "params", "macs", "prune_seconds", "dense_bytes", "peak_activation_bytes")
 
 
 def check_output_path(path: str | Path) -> Path:
