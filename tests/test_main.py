@@ -197,7 +197,7 @@ def test_finetuning_after_pruning(tiny_data, checkpoints, capsys, tmp_path):
     assert run_main(capsys, *args, "--finetune-epochs", 0.25)[0] == 0
     assert run_main(capsys, *args)[0] == 0
     rows = [r for r in read_rows(tmp_path / "rows.csv") if r["method"] == "default"]
-    assert sorted(r["finetune_epochs"] for r in rows) == ["0", "0.25"]
+    assert sorted(r["finetune_epochs"] for r in rows) == ["0.0", "0.25"]
     tuned = [r for r in rows if r["finetune_epochs"] == "0.25"][0]
     assert float(tuned["prune_seconds"]) > 0 and tuned["params"] == "5921493"
 
@@ -211,3 +211,11 @@ def test_gate_criterion_needs_a_gated_checkpoint(tiny_data, checkpoints, capsys,
     torch.save(state, tmp_path / "gated.checkpoint")
     code, out, _ = run_main(capsys, "--checkpoint", tmp_path / "gated.checkpoint", *args, "--output", tmp_path / "r.csv")
     assert code == 0 and {r["criterion"] for r in read_rows(tmp_path / "r.csv")} == {"gate"}
+
+
+def test_explicit_defaults_name_the_same_settings(tiny_data, checkpoints, capsys, tmp_path):
+    args = ["--checkpoint", checkpoints[("vgg11_bn", 10)], "--data-dir", tiny_data, "--group_idxs", 1,
+            "--sparsities", 0.5, "--methods", "default", "--output", tmp_path / "rows.csv"]
+    assert run_main(capsys, *args)[0] == 0
+    assert run_main(capsys, *args, "--p", 1, "--finetune-epochs", 0, "--seed", 0)[0] == 0
+    assert len(read_rows(tmp_path / "rows.csv")) == 2

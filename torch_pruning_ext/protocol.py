@@ -38,7 +38,7 @@ class Settings:
     model: str
     dataset: str
     criterion: str = "l1"
-    p: float = 1
+    p: float = 1.0
     source_prob: str = "uniform"
     target_prob: str = "uniform"
     target: str = "most_important"
@@ -46,7 +46,12 @@ class Settings:
     bn_fold: str = "reference"
     seed: int = 0
     repair: str = "none"
-    finetune_epochs: float = 0
+    finetune_epochs: float = 0.0
+
+    def __post_init__(self):
+        # numbers are stored as floats so that "--p 1" and the default name the same settings
+        object.__setattr__(self, "p", float(self.p))
+        object.__setattr__(self, "finetune_epochs", float(self.finetune_epochs))
 
     def transport(self) -> OptimalTransport:
         return OptimalTransport(p=self.p, source_prob=self.source_prob, target_prob=self.target_prob,
