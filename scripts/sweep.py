@@ -144,14 +144,14 @@ def sweep(args) -> int:
     print(f"{len(planned)} cells in the sweep, {len(mine)} in shard {index}/{count}, "
           f"{len(mine) - len(pending)} already done, {len(pending)} to run", file=sys.stderr)
     protocols: dict[Settings, Protocol] = {}
-    for loaded, settings, (group, sparsity, method) in tqdm(pending, unit="cell", desc="sweep"):
+    for loaded, settings, (group, level, method) in tqdm(pending, unit="cell", desc="sweep"):
         if settings not in protocols:
             protocols.clear()  # one protocol (and its activation cache) at a time
             protocols[settings] = Protocol(loaded.model, settings, inputs, test.labels, batches, args.batch_size,
                                            args.device, save_dir=args.save_pruned, repair_inputs=repair_inputs,
                                            train_set=train_set, gates=loaded.gates)
         protocol = protocols[settings]
-        row = protocol.base_row() if method == "base" else protocol.run_cell(group, sparsity, method)
+        row = protocol.base_row() if method == "base" else protocol.run_cell(group, level, method)
         with locked(run_dir):
             write_rows(results, [row])
     return 0

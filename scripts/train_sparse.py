@@ -11,7 +11,6 @@ Every run appends a row (accuracy and memory footprint) to OUT_DIR/summary.csv.
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import sys
 from pathlib import Path

@@ -56,7 +56,7 @@ def group_members(group, n: int, names: dict) -> list[Member]:
     """Classify the group's items; raises UnsupportedGroup naming any member fusion cannot mix."""
     members = []
     for item in group.items:
-        dep, module, fn = item.dep, item.dep.target.module, item.dep.handler
+        module, fn = item.dep.target.module, item.dep.handler
         name = names.get(module, str(module))
         if isinstance(module, nn.Parameter):
             raise UnsupportedGroup(f"{name}: a bare nn.Parameter")

@@ -5,7 +5,6 @@ an optional retraining (so pruned weights stay zero) and prune.remove() makes th
 """
 from __future__ import annotations
 
-import torch
 import torch.nn as nn
 import torch.nn.utils.prune as prune
 
