@@ -21,10 +21,35 @@ METHOD_ORDER = ["default", "intra_fusion", "intra_fusion_fp"]
 LABELS = {"default": "default", "intra_fusion": "Intra-Fusion", "intra_fusion_fp": "Intra-Fusion (function-preserving)"}
 
 
+def variant(row) -> str:
+    """The method name, extended by the repair mode and fine-tuning when a row used them."""
+    name = row["method"]
+    if name == "base":
+        return name
+    if str(row.get("repair", "none")) not in ("none", "nan", ""):
+        name += f"+repair_{row['repair']}"
+    if float(row.get("finetune_epochs", 0) or 0) > 0:
+        name += f"+finetune_{float(row['finetune_epochs']):g}"
+    return name
+
+
+def label(method: str) -> str:
+    base, *extras = method.split("+")
+    return " + ".join([LABELS.get(base, base)] + [e.replace("_", " ") for e in extras])
+
+
+def method_order(methods) -> list[str]:
+    return sorted(methods, key=lambda m: (METHOD_ORDER.index(m.split("+")[0]) if m.split("+")[0] in METHOD_ORDER
+                                          else len(METHOD_ORDER), m))
+
+
 def load(paths) -> pd.DataFrame:
     frames = [pd.read_csv(p, dtype={"group": str}) for p in paths]
     data = pd.concat(frames, ignore_index=True)
     data["group"] = data["group"].fillna("")
+    data["method"] = data.apply(variant, axis=1)
+    data = data[~((data["method"] == "base") & data.duplicated(["model", "dataset", "criterion", "method"],
+                                                                   keep="first"))]
     return data.drop_duplicates(subset=[c for c in data.columns if c not in ("accuracy", "prune_seconds")],
                                 keep="last")
 
@@ -50,13 +75,14 @@ def markdown_table(pivot: pd.DataFrame, methods) -> str:
 
 
 def summary(pivot: pd.DataFrame, method: str) -> str:
-    if method not in pivot.columns or "default" not in pivot.columns:
+    reference = "default" + method[len(method.split("+")[0]):]  # same repair/fine-tuning, no fusion
+    if method not in pivot.columns or reference not in pivot.columns:
         return ""
-    gain = (pivot[method] - pivot["default"]).dropna()
+    gain = (pivot[method] - pivot[reference]).dropna()
     if gain.empty:
         return ""
     worst, best = gain.idxmin(), gain.idxmax()
-    return (f"- {LABELS[method]} vs default: better in {int((gain > 0).sum())} of {len(gain)} cells, "
+    return (f"- {label(method)} vs {label(reference)}: better in {int((gain > 0).sum())} of {len(gain)} cells, "
             f"worse in {int((gain < 0).sum())}; mean gain {gain.mean():+.2f} points, max {gain.max():+.2f} "
             f"(group {best[0]}, s={best[1]:g}); worst cell {gain.min():+.2f} (group {worst[0]}, s={worst[1]:g})")
 
@@ -70,7 +96,8 @@ def plot_curves(pivot: pd.DataFrame, methods, title: str, path: Path, base: floa
         part = pivot.loc[group]
         for method in methods:
             if method in part.columns:
-                axis.plot(part.index, part[method], marker="o", markersize=3, label=LABELS[method])
+                axis.plot(part.index, part[method], marker="o", markersize=3, label=label(method),
+                          linestyle="--" if "+" in method else "-")
         if base is not None:
             axis.axhline(base, color="gray", linestyle=":", linewidth=1)
         axis.set_title(f"group {group}", fontsize=9)
@@ -126,28 +153,28 @@ def report(data: pd.DataFrame, out_dir: Path, title: str, commands: list[str]) -
     if commands:
         parts += ["Regenerate with:", "", "```"] + commands + ["```", ""]
     for (model, dataset, criterion), table in data.groupby(["model", "dataset", "criterion"], sort=False):
-        methods = [m for m in METHOD_ORDER if m in set(table["method"])]
+        methods = method_order(set(table["method"]) - {"base"})
         base_rows = table[table["method"] == "base"]
         base = float(base_rows["accuracy"].iloc[0]) if len(base_rows) else None
         parts.append(f"## {model} on {dataset}, {criterion} importance")
         parts.append("")
         if base is not None:
-            parts.append(f"Unpruned accuracy: {base:.2f}%. Cells: {' / '.join(LABELS[m] for m in methods)} "
+            parts.append(f"Unpruned accuracy: {base:.2f}%. Cells: {' / '.join(label(m) for m in methods)} "
                          "(top-1 %, one group pruned, no fine-tuning).")
             parts.append("")
         pivot = single_group_cells(table)
         if not pivot.empty:
             parts += [markdown_table(pivot, methods), ""]
-            parts += [line for line in (summary(pivot, m) for m in methods if m != "default") if line]
+            parts += [line for line in (summary(pivot, m) for m in methods if not m.startswith("default")) if line]
             parts.append("")
             stem = f"{model}_{dataset}_{criterion}"
             plot_curves(pivot, methods, f"{model} / {dataset} / {criterion}", out_dir / f"{stem}_curves.png", base)
             parts.append(f"![accuracy vs sparsity]({stem}_curves.png)")
             for method in methods:
-                if method != "default":
-                    plot_gain(pivot, method, f"{LABELS[method]} minus default: {model} / {criterion}",
+                if method in ("intra_fusion", "intra_fusion_fp") and "default" in pivot.columns:
+                    plot_gain(pivot, method, f"{label(method)} minus default: {model} / {criterion}",
                               out_dir / f"{stem}_{method}_gain.png")
-                    parts.append(f"![gain of {LABELS[method]}]({stem}_{method}_gain.png)")
+                    parts.append(f"![gain of {label(method)}]({stem}_{method}_gain.png)")
             parts.append("")
         whole = whole_network_table(table)
         if whole:

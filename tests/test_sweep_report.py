@@ -126,3 +126,17 @@ def test_footprint_report_marks_the_pareto_front(tmp_path):
     assert "| default pruning | group 1" not in front  # dominated by Intra-Fusion at the same size
     assert "s=0.5 | 92.00" not in front  # CSR is larger than dense at 50%: no smaller than unpruned
     assert (tmp_path / "footprint_vgg.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_report_shows_repaired_rows_beside_unrepaired(tmp_path):
+    _fake_results(tmp_path / "results.csv")
+    text = (tmp_path / "results.csv").read_text().splitlines()
+    header = text[0] + ",repair"
+    rows = [line + ",none" for line in text[1:]]
+    rows += [line.replace(",default,", ",default,").rsplit(",", 4)[0] + ",89.0,80,800,0.1,data"
+             for line in text[1:] if ",0.6,default," in line or ",0.6,intra_fusion," in line]
+    (tmp_path / "results.csv").write_text("\n".join([header] + rows) + "\n")
+    assert report.main([str(tmp_path / "results.csv"), "--out-dir", str(tmp_path / "docs")]) == 0
+    out = (tmp_path / "docs" / "RESULTS.md").read_text()
+    assert "default + repair data" in out and "Intra-Fusion + repair data" in out
+    assert "Intra-Fusion + repair data vs default + repair data" in out
