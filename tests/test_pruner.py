@@ -256,3 +256,13 @@ def test_unfusable_group_falls_back_to_plain_pruning_with_a_warning():
         result = pruner.prune([0], 0.5, OptimalTransport())[0]
     assert not result.fused and "norm" in result.fallback_reason
     assert model.fc1.out_features == 8 and model(torch.randn(2, 8)).shape == (2, 3)
+
+
+def test_dimensionality_preserving_on_an_unfusable_group_zeroes_its_linear_layers():
+    torch.manual_seed(0)
+    model = WithLayerNorm()
+    pruner = IntraFusionPruner(model, torch.randn(2, 8))
+    with pytest.warns(UserWarning, match="cannot be fused"):
+        result = pruner.prune([0], 0.5, OptimalTransport(), dimensionality_preserving=True)[0]
+    assert model.fc1.out_features == 16
+    assert torch.all(model.fc1.weight[result.pruned] == 0) and torch.all(model.fc2.weight[:, result.pruned] == 0)

@@ -52,33 +52,46 @@ def _positions(idxs, root_idxs, n: int, name: str) -> torch.Tensor:
     return torch.tensor([sorted(p) for p in per_channel], dtype=torch.long)
 
 
-def group_members(group, n: int, names: dict) -> list[Member]:
-    """Classify the group's items; raises UnsupportedGroup naming any member fusion cannot mix."""
+def group_members(group, n: int, names: dict, strict: bool = True) -> list[Member]:
+    """Classify the group's items; raises UnsupportedGroup naming any member fusion cannot mix.
+
+    strict=False skips such members instead (zeroing channels needs only the Conv/Linear ones).
+    """
     members = []
     for item in group.items:
         module, fn = item.dep.target.module, item.dep.handler
         name = names.get(module, str(module))
-        if isinstance(module, nn.Parameter):
-            raise UnsupportedGroup(f"{name}: a bare nn.Parameter")
-        if fn not in _BN_FNS and next(module.parameters(recurse=False), None) is None:
-            continue  # reshape/add/concat/output nodes carry no weights
-        if getattr(module, "transposed", False):
-            raise UnsupportedGroup(f"{name}: transposed convolution")
-        positions = _positions(item.idxs, item.root_idxs, n, name)
-        if fn in _PRODUCER_FNS:
-            role = "producer"
-        elif fn in _CONSUMER_FNS:
-            if isinstance(module, nn.modules.conv._ConvNd) and module.groups != 1:
-                raise UnsupportedGroup(f"{name}: grouped convolution (groups={module.groups}) input")
-            role = "consumer"
-        elif fn in _BN_FNS:
-            if not is_channel_uniform(module):
-                raise UnsupportedGroup(f"{name}: BatchNorm that is not folded (not channel-uniform)")
-            role = "slice"
-        else:
-            raise UnsupportedGroup(f"{name}: {type(module).__name__} via {getattr(fn, '__name__', fn)}")
-        members.append(Member(name, module, role, positions))
+        try:
+            role, positions = _classify(module, fn, name, item, n)
+        except UnsupportedGroup:
+            if strict:
+                raise
+            continue
+        if role is not None:
+            members.append(Member(name, module, role, positions))
     return members
+
+
+def _classify(module, fn, name: str, item, n: int):
+    """(role, positions) of one group item; role None for weightless nodes (reshape, add, ...)."""
+    if isinstance(module, nn.Parameter):
+        raise UnsupportedGroup(f"{name}: a bare nn.Parameter")
+    if fn not in _BN_FNS and next(module.parameters(recurse=False), None) is None:
+        return None, None
+    if getattr(module, "transposed", False):
+        raise UnsupportedGroup(f"{name}: transposed convolution")
+    positions = _positions(item.idxs, item.root_idxs, n, name)
+    if fn in _PRODUCER_FNS:
+        return "producer", positions
+    if fn in _CONSUMER_FNS:
+        if isinstance(module, nn.modules.conv._ConvNd) and module.groups != 1:
+            raise UnsupportedGroup(f"{name}: grouped convolution (groups={module.groups}) input")
+        return "consumer", positions
+    if fn in _BN_FNS:
+        if not is_channel_uniform(module):
+            raise UnsupportedGroup(f"{name}: BatchNorm that is not folded (not channel-uniform)")
+        return "slice", positions
+    raise UnsupportedGroup(f"{name}: {type(module).__name__} via {getattr(fn, '__name__', fn)}")
 
 
 def layer_roles(group, n: int, names: dict) -> tuple[dict[str, torch.Tensor], list[str]]:

@@ -175,7 +175,8 @@ class IntraFusionPruner:
                 result.fused, result.producer_map = True, producer_map
         started = time.perf_counter()
         if keep_shape:
-            zero_channels(group_members(group, n, self.names) if pruned else [], torch.tensor(pruned))
+            zero_channels(group_members(group, n, self.names, strict=False) if pruned else [],
+                          torch.tensor(pruned))
         else:
             self._track_origins(producers, kept)
             prune_channels(self.graph, group, pruned)
