@@ -14,6 +14,7 @@ from tqdm import tqdm
 from torch_pruning_ext.checkpoints import load_model, resolve_checkpoint
 from torch_pruning_ext.cli import OneLineParser, choice, run_cli, sparsity
 from torch_pruning_ext.data import DATASETS, calibration_batches, calibration_set, dataset_info, load_split, normalize
+from torch_pruning_ext.evaluation import EVAL_BATCH_SIZE
 from torch_pruning_ext.groups import describe_groups
 from torch_pruning_ext.importance import CRITERIA, DATA_CRITERIA
 from torch_pruning_ext.models import MODEL_BUILDERS
@@ -55,7 +56,7 @@ def build_parser() -> OneLineParser:
     add("--gpu_id", "--gpu-id", type=int, default=-1, help="CUDA device index, -1 = CPU")
     add("--device", default=None, help="torch device string, overrides --gpu_id (cpu, cuda:0, ...)")
     add("--taylor-batches", "--taylor_batches", type=int, default=5, help="training batches for taylor/chip")
-    add("--batch-size", "--batch_size", type=int, default=500, help="evaluation batch size")
+    add("--batch-size", "--batch_size", type=int, default=EVAL_BATCH_SIZE, help="evaluation batch size")
     add("--seed", type=int, default=0)
     add("--output", default=None, help="write rows to FILE.csv or FILE.json (merged with rows already there)")
     add("--no-reuse", "--no_reuse", action="store_true",

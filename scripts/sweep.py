@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from torch_pruning_ext.checkpoints import load_model, resolve_checkpoint  # noqa: E402
 from torch_pruning_ext.cli import run_cli, sparsity  # noqa: E402
+from torch_pruning_ext.evaluation import EVAL_BATCH_SIZE  # noqa: E402
 from torch_pruning_ext.data import (DATASETS, calibration_batches, calibration_set, dataset_info,  # noqa: E402
                                     load_split, normalize)
 from torch_pruning_ext.importance import CRITERIA, DATA_CRITERIA  # noqa: E402
@@ -55,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
     add("--shard", type=parse_shard, default=(1, 1), help="run cells i, i+N, i+2N, ... (1-based i/N)")
     add("--taylor-batches", type=int, default=5)
-    add("--batch-size", type=int, default=500)
+    add("--batch-size", type=int, default=EVAL_BATCH_SIZE)
     add("--seed", type=int, default=0)
     add("--bn-fold", choices=["reference", "exact"], default="reference")
     add("--device", default="cpu")

@@ -121,7 +121,7 @@ def main(argv=None) -> int:
             optimizer.step()
             total_loss += loss.item()
             bar.set_postfix(loss=f"{total_loss / (step + 1):.4f}", refresh=False)
-        test_acc = accuracy(model, test_inputs, test.labels, batch_size=500, device=device)
+        test_acc = accuracy(model, test_inputs, test.labels, device=device)
         history.append({"epoch": epoch + 1, "train_loss": total_loss / steps_per_epoch,
                         "test_accuracy": test_acc, "seconds": time.time() - started})
         print(f"epoch {epoch + 1}: train loss {total_loss / steps_per_epoch:.4f}, "
@@ -134,7 +134,7 @@ def main(argv=None) -> int:
     # Record the accuracy exactly as main.py measures it: a fresh fp32 model, contiguous layout.
     plain = build_model(args.model_name, info.num_classes)
     plain.load_state_dict(state_dict)
-    final_acc = accuracy(plain, test_inputs, test.labels, batch_size=500)
+    final_acc = accuracy(plain, test_inputs, test.labels)
     metadata = {"model": args.model_name, "dataset": args.dataset, "num_classes": info.num_classes,
                 "normalization": {"mean": list(info.mean), "std": list(info.std)},
                 "recipe": {"name": args.recipe, **recipe, "seed": args.seed, "bf16": args.bf16},

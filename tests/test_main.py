@@ -169,6 +169,20 @@ def test_prefix_reuse_gives_identical_numbers(tiny_data, name, groups):
     assert strip(rows[True]) == strip(rows[False])
 
 
+def test_fast_layout_keeps_outputs_and_restores_the_model(make_model):
+    from torch_pruning_ext.evaluation import fast_layout, predictions
+    model = make_model("resnet18")
+    inputs = torch.randn(30, 3, 32, 32)
+    with torch.no_grad():
+        reference = model(inputs)
+        with fast_layout(model):
+            assert model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+            fast = model(inputs.contiguous(memory_format=torch.channels_last))
+    assert torch.allclose(fast, reference, atol=1e-4)
+    assert all(p.is_contiguous() for p in model.parameters())
+    assert torch.equal(predictions(model, inputs, batch_size=7), reference.argmax(dim=1))
+
+
 def test_save_pruned_from_the_cli(tiny_data, checkpoints, capsys, tmp_path):
     from torch_pruning_ext import load_pruned
     args = ["--checkpoint", checkpoints[("vgg11_bn", 10)], "--data-dir", tiny_data, "--group_idxs", 2,

@@ -1,24 +1,49 @@
-"""Top-1 accuracy (per sample, not averaged per batch) and the size of a model."""
+"""Top-1 accuracy (per sample, not averaged per batch) and the fast inference layout it runs in."""
 from __future__ import annotations
+
+from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
 
+# Measured on 2 CPU cores: batches of 100 in channels_last run VGG11-BN 1.2x and ResNet18 1.6x
+# faster than batches of 500 in the default layout (scripts/bench.py).
+EVAL_BATCH_SIZE = 100
+
+
+@contextmanager
+def fast_layout(model: nn.Module):
+    """Run a conv net with channels_last weights (oneDNN's fastest CPU layout); values are unchanged
+    and the model gets its contiguous layout back afterwards, so weight views keep working."""
+    model.to(memory_format=torch.channels_last)
+    try:
+        yield
+    finally:
+        model.to(memory_format=torch.contiguous_format)
+
+
+def as_fast_input(batch: torch.Tensor, device) -> torch.Tensor:
+    """A batch on `device`, channels_last when it is an image batch."""
+    if batch.dim() == 4:
+        return batch.to(device, memory_format=torch.channels_last)
+    return batch.to(device)
+
 
 @torch.inference_mode()
-def predictions(model: nn.Module, inputs: torch.Tensor, batch_size: int = 500, device="cpu") -> torch.Tensor:
+def predictions(model: nn.Module, inputs: torch.Tensor, batch_size: int = EVAL_BATCH_SIZE,
+                device="cpu") -> torch.Tensor:
     """Predicted class of every input, computed in eval mode."""
     was_training = model.training
     model.eval()
     out = []
-    for start in range(0, inputs.shape[0], batch_size):
-        batch = inputs[start:start + batch_size].to(device)
-        out.append(model(batch).argmax(dim=1).cpu())
+    with fast_layout(model):
+        for start in range(0, inputs.shape[0], batch_size):
+            out.append(model(as_fast_input(inputs[start:start + batch_size], device)).argmax(dim=1).cpu())
     model.train(was_training)
     return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
 
 
-def accuracy(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, batch_size: int = 500,
+def accuracy(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, batch_size: int = EVAL_BATCH_SIZE,
              device="cpu") -> float:
     """Fraction of correctly classified samples (sample-weighted, so a short last batch counts right)."""
     if inputs.shape[0] == 0:

@@ -15,7 +15,7 @@ import torch_pruning as tp
 
 from .bn_folding import fold_batchnorms
 from .data import dataset_info, normalize
-from .evaluation import accuracy
+from .evaluation import EVAL_BATCH_SIZE, accuracy
 from .footprint import dense_bytes, peak_activation_bytes
 from .groups import output_layers
 from .importance import build_importance
@@ -92,7 +92,7 @@ class Protocol:
     """
 
     def __init__(self, model: nn.Module, settings: Settings, test_inputs: torch.Tensor, test_labels: torch.Tensor,
-                 calibration_batches=None, batch_size: int = 500, device="cpu", reuse: bool = True,
+                 calibration_batches=None, batch_size: int = EVAL_BATCH_SIZE, device="cpu", reuse: bool = True,
                  save_dir=None, repair_inputs: torch.Tensor | None = None, train_set=None, gates=None):
         self.settings = settings
         self.model = model.eval()

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from .evaluation import EVAL_BATCH_SIZE, as_fast_input, fast_layout
+
 
 def has_stages(model: nn.Module) -> bool:
     return callable(getattr(model, "stages", None))
@@ -24,17 +26,18 @@ def first_stage(model: nn.Module, layer_names) -> int:
 
 @torch.inference_mode()
 def run_stages(model: nn.Module, inputs: torch.Tensor, start: int = 0, stop: int | None = None,
-               batch_size: int = 500, device="cpu") -> torch.Tensor:
+               batch_size: int = EVAL_BATCH_SIZE, device="cpu") -> torch.Tensor:
     """Apply stages[start:stop] to `inputs` in batches (eval mode); returns the result on the CPU."""
     was_training = model.training
     model.eval()
     pieces = [fn for _, fn in model.stages()][start:stop]
     outputs = []
-    for begin in range(0, inputs.shape[0], batch_size):
-        out = inputs[begin:begin + batch_size].to(device)
-        for piece in pieces:
-            out = piece(out)
-        outputs.append(out.cpu())
+    with fast_layout(model):
+        for begin in range(0, inputs.shape[0], batch_size):
+            out = as_fast_input(inputs[begin:begin + batch_size], device)
+            for piece in pieces:
+                out = piece(out)
+            outputs.append(out.cpu())
     model.train(was_training)
     return torch.cat(outputs)
 
@@ -43,7 +46,8 @@ class PrefixCache:
     """Keeps the activation after the first `start` stages of a reference model (one at a time,
     since cells come grouped by layer and a cache of early layers can take gigabytes)."""
 
-    def __init__(self, reference: nn.Module, inputs: torch.Tensor, batch_size: int = 500, device="cpu"):
+    def __init__(self, reference: nn.Module, inputs: torch.Tensor, batch_size: int = EVAL_BATCH_SIZE,
+                 device="cpu"):
         self.reference, self.inputs = reference, inputs
         self.batch_size, self.device = batch_size, device
         self._start, self._activations = 0, inputs
