@@ -60,6 +60,28 @@ def single_group_cells(table: pd.DataFrame) -> pd.DataFrame:
     return cells.pivot_table(index=["group", "sparsity"], columns="method", values="accuracy", aggfunc="last")
 
 
+def select(data: pd.DataFrame, repairs=None, sparsities=None) -> pd.DataFrame:
+    """Rows of the given repair modes and sparsities; the unpruned "base" rows always stay."""
+    keep = data["method"] == "base"
+    chosen = pd.Series(True, index=data.index)
+    if repairs:
+        modes = data["repair"].fillna("none").astype(str) if "repair" in data.columns \
+            else pd.Series("none", index=data.index)
+        chosen &= modes.isin(repairs)
+    if sparsities:
+        chosen &= data["sparsity"].round(6).isin([round(s, 6) for s in sparsities])
+    return data[keep | chosen]
+
+
+def gap_to_base(pivot: pd.DataFrame, methods, base: float | None) -> str:
+    """Mean accuracy drop from the unpruned model over the single-group cells, per method."""
+    if base is None:
+        return ""
+    gaps = [f"{label(m)} {base - pivot[m].dropna().mean():.2f}" for m in methods
+            if m in pivot.columns and pivot[m].notna().any()]
+    return "- mean drop from the unpruned accuracy over these cells (points): " + "; ".join(gaps)
+
+
 def markdown_table(pivot: pd.DataFrame, methods) -> str:
     sparsities = sorted(pivot.index.get_level_values("sparsity").unique())
     header = "| group | " + " | ".join(f"s={s:g}" for s in sparsities) + " |"
@@ -147,7 +169,7 @@ def whole_network_table(table: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def report(data: pd.DataFrame, out_dir: Path, title: str, commands: list[str]) -> str:
+def report(data: pd.DataFrame, out_dir: Path, title: str, commands: list[str], prefix: str = "") -> str:
     out_dir.mkdir(parents=True, exist_ok=True)
     parts = [f"# {title}", ""]
     if commands:
@@ -166,8 +188,8 @@ def report(data: pd.DataFrame, out_dir: Path, title: str, commands: list[str]) -
         if not pivot.empty:
             parts += [markdown_table(pivot, methods), ""]
             parts += [line for line in (summary(pivot, m) for m in methods if not m.startswith("default")) if line]
-            parts.append("")
-            stem = f"{model}_{dataset}_{criterion}"
+            parts += [gap_to_base(pivot, methods, base), ""]
+            stem = f"{prefix}{model}_{dataset}_{criterion}"
             plot_curves(pivot, methods, f"{model} / {dataset} / {criterion}", out_dir / f"{stem}_curves.png", base)
             parts.append(f"![accuracy vs sparsity]({stem}_curves.png)")
             for method in methods:
@@ -189,13 +211,18 @@ def main(argv=None) -> int:
     parser.add_argument("--name", default="RESULTS.md", help="Markdown file name inside --out-dir")
     parser.add_argument("--title", default="Results")
     parser.add_argument("--command", action="append", default=[], help="command line to quote in the report")
+    parser.add_argument("--repair", nargs="+", choices=["none", "data", "datafree"], default=None,
+                        help="only rows of these repair modes (default: all)")
+    parser.add_argument("--sparsities", nargs="+", type=float, default=None, help="only these sparsities")
+    parser.add_argument("--plot-prefix", default="", help="prefix of the PNG file names (to keep reports apart)")
     args = parser.parse_args(argv)
     missing = [p for p in args.results if not Path(p).is_file()]
     if missing:
         print(f"report.py: error: no such results file: {missing[0]}", file=sys.stderr)
         return 2
     out_dir = Path(args.out_dir)
-    text = report(load(args.results), out_dir, args.title, args.command)
+    data = select(load(args.results), args.repair, args.sparsities)
+    text = report(data, out_dir, args.title, args.command, args.plot_prefix)
     atomic_write_text(out_dir / args.name, text)
     print(f"wrote {out_dir / args.name}")
     return 0
