@@ -64,6 +64,7 @@ def build_parser():
     add("--bf16", action="store_true")
     add("--lambdas", nargs="+", type=float, default=[1e-5, 5e-5, 1e-4])
     add("--unstructured", action="store_true", help="gates per weight instead of per output channel")
+    add("--gate-lr", type=float, default=0.05, help="gates: Adam learning rate of the gate scores")
     add("--starget", type=float, default=0.9, help="asl: requested sparsity")
     add("--lv", type=float, default=1.0, help="asl: weight of the sparsity loss")
     add("--asl-mode", choices=ASL_MODES, default="adaptive")
@@ -109,9 +110,9 @@ def run(args) -> int:
         for lam in args.lambdas:
             model = copy.deepcopy(loaded.model)
             classifier = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
-            add_gates(model, structured=not args.unstructured, ignored=[classifier])
+            scores = add_gates(model, structured=not args.unstructured, ignored=[classifier])
             train(model, train_set, info, args.epochs, extra_loss=lambda m, lam=lam: lam * gate_penalty(m),
-                  **common)
+                  adam_parameters=scores, adam_lr=args.gate_lr, **common)
             model.cpu()
             gates = gate_values(model)
             every = torch.cat([v.flatten() for v in gates.values()])

@@ -90,3 +90,18 @@ def test_thresholds_zero_small_weights_and_fold_to_a_plain_model():
     assert layer_sparsity(model)["fc"] > 0 and layer_sparsity(model)["conv"] == 0
     with pytest.raises(ValueError, match="unknown sparsity-loss mode 'budget'"):
         sparsity_loss(attached, 0.5, "budget")
+
+
+def test_gate_scores_trained_by_adam_respond_to_lambda_and_skip_weight_decay():
+    def mean_gate(lam, adam_lr):
+        torch.manual_seed(0)
+        model = Chain()
+        scores = add_gates(model, structured=True)
+        train(model, toy_data(), INFO, epochs=4, lr=0.05, batch_size=16, weight_decay=0.1,
+              extra_loss=lambda m: lam * gate_penalty(m), adam_parameters=scores, adam_lr=adam_lr)
+        return torch.cat(list(gate_values(model).values())).mean().item()
+
+    initial = torch.sigmoid(torch.tensor(3.0)).item()
+    assert mean_gate(0.0, 0.0) == pytest.approx(initial, abs=1e-7)  # not decayed by SGD
+    open_, small, large = (mean_gate(lam, 0.5) for lam in (0.0, 0.01, 0.1))
+    assert large < small - 0.2 and small < open_ - 0.02

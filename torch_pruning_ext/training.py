@@ -24,18 +24,25 @@ def one_cycle_lr(peak: float, step: int, total: int, warmup_fraction: float = 0.
 
 def train(model: nn.Module, data: ImageSet, info: DatasetInfo, epochs: float, lr: float = 0.01,
           batch_size: int = 128, seed: int = 0, device="cpu", weight_decay: float = 5e-4,
-          extra_loss=None, parameters=None, bf16: bool = False, progress: bool = False) -> list[float]:
+          extra_loss=None, parameters=None, bf16: bool = False, progress: bool = False,
+          adam_parameters=(), adam_lr: float = 0.05) -> list[float]:
     """Train `model` in place for `epochs` (fractions allowed) with SGD + nesterov, one-cycle lr.
 
     extra_loss(model) -> tensor is added to the cross-entropy (sparsity penalties);
-    parameters: what to optimise (default: all). Returns the mean loss per epoch.
+    parameters: what SGD optimises (default: all but `adam_parameters`);
+    adam_parameters: trained by Adam at `adam_lr`, no weight decay, same schedule. Gate scores go
+    here: their penalty gradient (lambda * sigmoid') is far below weight decay, so SGD would not
+    move them and a lambda sweep would show nothing. Returns the mean loss per epoch.
     """
     if epochs <= 0:
         raise ValueError(f"epochs must be positive, got {epochs!r}")
     device = torch.device(device)
     model.to(device).train()
-    optimizer = torch.optim.SGD(list(parameters if parameters is not None else model.parameters()), lr=lr,
-                                momentum=0.9, nesterov=True, weight_decay=weight_decay)
+    separate = {id(p) for p in adam_parameters}
+    plain = [p for p in (parameters if parameters is not None else model.parameters()) if id(p) not in separate]
+    optimizers = [(torch.optim.SGD(plain, lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay), lr)]
+    if separate:
+        optimizers.append((torch.optim.Adam(list(adam_parameters), lr=adam_lr), adam_lr))
     generator = torch.Generator().manual_seed(seed)
     steps_per_epoch = math.ceil(len(data) / batch_size)
     total = max(1, int(round(epochs * steps_per_epoch)))
@@ -49,15 +56,18 @@ def train(model: nn.Module, data: ImageSet, info: DatasetInfo, epochs: float, lr
         index = order[position * batch_size:(position + 1) * batch_size]
         images = normalize(random_crop_flip(data.images[index], generator), info).to(device)
         labels = data.labels[index].to(device)
-        for group in optimizer.param_groups:
-            group["lr"] = one_cycle_lr(lr, step, total)
+        for optimizer, peak in optimizers:
+            for group in optimizer.param_groups:
+                group["lr"] = one_cycle_lr(peak, step, total)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             loss = F.cross_entropy(model(images), labels)
         if extra_loss is not None:
             loss = loss + extra_loss(model)
-        optimizer.zero_grad(set_to_none=True)
+        for optimizer, _ in optimizers:
+            optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        optimizer.step()
+        for optimizer, _ in optimizers:
+            optimizer.step()
         running, count = running + loss.item(), count + 1
         if position == steps_per_epoch - 1 or step == total - 1:
             losses.append(running / count)
