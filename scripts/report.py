@@ -169,9 +169,10 @@ def whole_network_table(table: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def report(data: pd.DataFrame, out_dir: Path, title: str, commands: list[str], prefix: str = "") -> str:
+def report(data: pd.DataFrame, out_dir: Path, title: str, commands: list[str], prefix: str = "",
+           intro: str = "") -> str:
     out_dir.mkdir(parents=True, exist_ok=True)
-    parts = [f"# {title}", ""]
+    parts = [f"# {title}", ""] + ([intro.strip(), ""] if intro.strip() else [])
     if commands:
         parts += ["Regenerate with:", "", "```"] + commands + ["```", ""]
     for (model, dataset, criterion), table in data.groupby(["model", "dataset", "criterion"], sort=False):
@@ -215,14 +216,16 @@ def main(argv=None) -> int:
                         help="only rows of these repair modes (default: all)")
     parser.add_argument("--sparsities", nargs="+", type=float, default=None, help="only these sparsities")
     parser.add_argument("--plot-prefix", default="", help="prefix of the PNG file names (to keep reports apart)")
+    parser.add_argument("--intro", default=None, help="Markdown file whose text follows the title (findings)")
     args = parser.parse_args(argv)
-    missing = [p for p in args.results if not Path(p).is_file()]
+    missing = [p for p in args.results + ([args.intro] if args.intro else []) if not Path(p).is_file()]
     if missing:
-        print(f"report.py: error: no such results file: {missing[0]}", file=sys.stderr)
+        print(f"report.py: error: no such file: {missing[0]}", file=sys.stderr)
         return 2
     out_dir = Path(args.out_dir)
     data = select(load(args.results), args.repair, args.sparsities)
-    text = report(data, out_dir, args.title, args.command, args.plot_prefix)
+    intro = Path(args.intro).read_text() if args.intro else ""
+    text = report(data, out_dir, args.title, args.command, args.plot_prefix, intro)
     atomic_write_text(out_dir / args.name, text)
     print(f"wrote {out_dir / args.name}")
     return 0

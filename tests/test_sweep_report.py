@@ -80,11 +80,17 @@ def _fake_results(path):
     path.write_text("\n".join(lines) + "\n")
 
 
+def _intro(tmp_path):
+    (tmp_path / "intro.md").write_text("Intra-Fusion loses in group 1.\n")
+    return tmp_path / "intro.md"
+
+
 def test_report_tables_summary_and_plots(tmp_path):
     _fake_results(tmp_path / "results.csv")
     assert report.main([str(tmp_path / "results.csv"), "--out-dir", str(tmp_path / "docs"),
-                        "--command", "python scripts/sweep.py ..."]) == 0
+                        "--command", "python scripts/sweep.py ...", "--intro", str(_intro(tmp_path))]) == 0
     text = (tmp_path / "docs" / "RESULTS.md").read_text()
+    assert text.startswith("# Results\n\nIntra-Fusion loses in group 1.\n")
     assert "| 0 | 87.00 / 89.40 / 86.40 | 84.00 / 88.80 / 82.80 |" in text
     assert "Intra-Fusion vs default: better in 4 of 4 cells, worse in 0; mean gain +5.40 points" in text
     assert "worse in 4; mean gain -1.35 points" in text  # function-preserving loses here: it is said
@@ -98,7 +104,7 @@ def test_report_tables_summary_and_plots(tmp_path):
 
 def test_report_missing_file(tmp_path, capsys):
     assert report.main([str(tmp_path / "nope.csv")]) == 2
-    assert "no such results file" in capsys.readouterr().err
+    assert "no such file" in capsys.readouterr().err
 
 
 def test_footprint_report_marks_the_pareto_front(tmp_path):
