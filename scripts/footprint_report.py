@@ -27,8 +27,12 @@ def structured_points(frame: pd.DataFrame) -> pd.DataFrame:
     frame["group"] = frame["group"].fillna("").astype(str)
     frame["family"] = frame["method"].map(NAMES).fillna(frame["method"])
     frame.loc[frame["group"] == "all", "family"] += " (whole network)"
-    frame["label"] = frame.apply(lambda r: "unpruned" if r["method"] == "base" else
-                                 f"group {r['group']} s={r['sparsity']:g}", axis=1)
+    if "repair" in frame.columns:
+        repaired = frame["repair"].fillna("none").astype(str).isin(["data", "datafree"])
+        frame.loc[repaired, "family"] += " + repair " + frame.loc[repaired, "repair"].astype(str)
+    criterion = frame["criterion"].astype(str) + " " if "criterion" in frame.columns else ""
+    frame["label"] = criterion + "group " + frame["group"] + " s=" + frame["sparsity"].map("{:g}".format)
+    frame.loc[frame["method"] == "base", "label"] = "unpruned"
     frame["storage_bytes"] = frame["dense_bytes"]
     return frame[["model", "family", "label", "accuracy", "storage_bytes", "peak_activation_bytes"]]
 
@@ -77,8 +81,10 @@ def main(argv=None) -> int:
     parser.add_argument("--out-dir", default="docs")
     parser.add_argument("--name", default="FOOTPRINT.md")
     parser.add_argument("--command", action="append", default=[])
+    parser.add_argument("--intro", default=None, help="Markdown file whose text follows the title (the answer)")
     args = parser.parse_args(argv)
-    missing = [p for p in args.structured + args.unstructured if not Path(p).is_file()]
+    missing = [p for p in args.structured + args.unstructured + ([args.intro] if args.intro else [])
+               if not Path(p).is_file()]
     if missing or not (args.structured or args.unstructured):
         print(f"footprint_report.py: error: {'no such file: ' + missing[0] if missing else 'no input files'}",
               file=sys.stderr)
@@ -88,6 +94,8 @@ def main(argv=None) -> int:
     points = pd.concat(parts, ignore_index=True).dropna(subset=["storage_bytes", "accuracy"])
     out = Path(args.out_dir)
     lines = ["# Accuracy vs memory footprint", ""]
+    if args.intro:
+        lines += [Path(args.intro).read_text().strip(), ""]
     if args.command:
         lines += ["Regenerate with:", "", "```"] + args.command + ["```", ""]
     for model, part in points.groupby("model"):

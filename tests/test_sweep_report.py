@@ -112,11 +112,12 @@ def test_footprint_report_marks_the_pareto_front(tmp_path):
     structured = tmp_path / "structured.csv"
     structured.write_text(
         "model,dataset,criterion,group,sparsity,method,accuracy,params,macs,prune_seconds,dense_bytes,"
-        "peak_activation_bytes\n"
-        "vgg,fm,l1,,0.0,base,93.0,100,10,0,400,64\n"
-        "vgg,fm,l1,1,0.5,default,80.0,50,5,0,200,32\n"
-        "vgg,fm,l1,1,0.5,intra_fusion,90.0,50,5,0,200,32\n"
-        "vgg,fm,l1,all,0.7,default,60.0,10,1,0,40,8\n")
+        "peak_activation_bytes,repair\n"
+        "vgg,fm,l1,,0.0,base,93.0,100,10,0,400,64,none\n"
+        "vgg,fm,l1,1,0.5,default,80.0,50,5,0,200,32,none\n"
+        "vgg,fm,l1,1,0.5,intra_fusion,90.0,50,5,0,200,32,none\n"
+        "vgg,fm,l1,1,0.5,intra_fusion,91.0,50,5,0,200,32,data\n"
+        "vgg,fm,l1,all,0.7,default,60.0,10,1,0,40,8,none\n")
     unstructured = tmp_path / "summary.csv"
     unstructured.write_text("model,dataset,method,setting,accuracy,params,nonzero_params,weight_sparsity,"
                             "dense_bytes,sparse_bytes,peak_activation_bytes\n"
@@ -126,11 +127,12 @@ def test_footprint_report_marks_the_pareto_front(tmp_path):
                                   "--out-dir", str(tmp_path)]) == 0
     text = (tmp_path / "FOOTPRINT.md").read_text()
     front = text.split("Pareto front")[1]
-    for expected in ("| default pruning (whole network) | group all s=0.7 | 60.00 |",
-                     "| global magnitude | s=0.9 | 85.00 |", "| Intra-Fusion | group 1 s=0.5 | 90.00 |",
+    for expected in ("| default pruning (whole network) | l1 group all s=0.7 | 60.00 |",
+                     "| global magnitude | s=0.9 | 85.00 |", "| Intra-Fusion + repair data | l1 group 1 s=0.5 | 91.00 |",
                      "| unpruned | unpruned | 93.00 |"):
         assert expected in front
-    assert "| default pruning | group 1" not in front  # dominated by Intra-Fusion at the same size
+    assert "| default pruning | l1 group 1" not in front  # dominated by Intra-Fusion at the same size
+    assert "| Intra-Fusion | l1 group 1" not in front  # dominated by the repaired copy
     assert "s=0.5 | 92.00" not in front  # CSR is larger than dense at 50%: no smaller than unpruned
     assert (tmp_path / "footprint_vgg.png").read_bytes()[:4] == b"\x89PNG"
 
