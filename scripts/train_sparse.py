@@ -110,7 +110,8 @@ def run(args) -> int:
         for lam in args.lambdas:
             model = copy.deepcopy(loaded.model)
             classifier = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
-            scores = add_gates(model, structured=not args.unstructured, ignored=[classifier])
+            scores = add_gates(model, structured=not args.unstructured, ignored=[classifier],
+                               example_inputs=inputs[:1])
             train(model, train_set, info, args.epochs, extra_loss=lambda m, lam=lam: lam * gate_penalty(m),
                   adam_parameters=scores, adam_lr=args.gate_lr, **common)
             model.cpu()

@@ -105,3 +105,22 @@ def test_gate_scores_trained_by_adam_respond_to_lambda_and_skip_weight_decay():
     assert mean_gate(0.0, 0.0) == pytest.approx(initial, abs=1e-7)  # not decayed by SGD
     open_, small, large = (mean_gate(lam, 0.5) for lam in (0.0, 0.01, 0.1))
     assert large < small - 0.2 and small < open_ - 0.02
+
+
+def test_channel_gate_of_a_conv_with_batchnorm_sits_on_the_batchnorm():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                                torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 5))
+    x = torch.randn(8, 3, 8, 8)
+    add_gates(model, structured=True, ignored=[model[4]], example_inputs=x[:1])
+    assert {k: v.shape for k, v in gate_values(model).items()} == {"0": (4,)}  # named by the conv
+    with torch.no_grad():
+        model[1].parametrizations.weight[0].scores[1] = -30.0
+    normalised = model[1](model[0](x))  # training mode: the BN cannot renormalise a closed gate away
+    assert normalised[:, 1].abs().max() < 1e-6 and normalised[:, 0].abs().max() > 0.1
+    model.eval()
+    before = model(x)
+    fold_parametrizations(model)
+    assert torch.allclose(model(x), before, atol=1e-6)
+    assert set(model.state_dict()) == {"0.weight", "0.bias", "1.weight", "1.bias", "1.running_mean",
+                                       "1.running_var", "1.num_batches_tracked", "4.weight", "4.bias"}

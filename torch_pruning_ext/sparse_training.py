@@ -2,7 +2,9 @@
 
 - Channel/connection gates (a self-pruning network): weight * sigmoid(score); the loss adds
   lambda * sum(sigmoid(scores)). Folding multiplies the gates into the weights (same function);
-  the learned channel gates are kept as the importance criterion "gate".
+  the learned channel gates are kept as the importance criterion "gate". A channel gate of a layer
+  followed by its own BatchNorm scales that BN's weight and bias instead: in front of a BN a gate is
+  normalised away in training, so the penalty would shrink every gate alike at no cost.
 - Adaptive sparsity loss (Retsinas et al., ICIP 2021): one trainable magnitude threshold per large
   layer; weights below it are zeroed in the forward pass (straight-through estimator); the layer's
   sparsity is modelled from the mean and std of its weights with the error function and pushed
@@ -15,6 +17,9 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.utils.parametrize as parametrize
+import torch_pruning as tp
+
+from .bn_folding import foldable_pairs
 
 PRUNABLE = (nn.modules.conv._ConvNd, nn.Linear)
 ASL_MODES = ("fixed", "adaptive")
@@ -23,10 +28,11 @@ ASL_MODES = ("fixed", "adaptive")
 class Gate(nn.Module):
     """weight * sigmoid(scores); scores per output channel (structured) or per weight."""
 
-    def __init__(self, weight: torch.Tensor, per_channel: bool, initial: float = 3.0):
+    def __init__(self, weight: torch.Tensor, per_channel: bool, initial: float = 3.0, owner: str | None = None):
         super().__init__()
         shape = (weight.shape[0],) + (1,) * (weight.dim() - 1) if per_channel else weight.shape
         self.per_channel = per_channel
+        self.owner = owner  # the gated Conv/Linear when the gate sits on its BatchNorm
         self.scores = nn.Parameter(torch.full(shape, float(initial), dtype=weight.dtype))
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
@@ -37,12 +43,27 @@ def gated_layers(model: nn.Module, ignored=()) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, PRUNABLE) and m not in ignored]
 
 
-def add_gates(model: nn.Module, structured: bool = True, ignored=(), initial: float = 3.0) -> list[nn.Parameter]:
-    """Attach gates to every Conv/Linear (except `ignored`); returns the gate scores."""
+def add_gates(model: nn.Module, structured: bool = True, ignored=(), initial: float = 3.0,
+              example_inputs=None) -> list[nn.Parameter]:
+    """Attach gates to every Conv/Linear (except `ignored`); returns the gate scores.
+
+    With `example_inputs`, a channel gate of a layer that feeds only its own BatchNorm is put on
+    that BN's weight and bias (the channel's output after normalisation), where it cannot be undone.
+    """
+    batchnorm_of = {}
+    if structured and example_inputs is not None:
+        graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs, verbose=False)
+        batchnorm_of = dict(foldable_pairs(graph))
     scores = []
-    for _, layer in gated_layers(model, ignored):
-        gate = Gate(layer.weight, per_channel=structured, initial=initial)
-        parametrize.register_parametrization(layer, "weight", gate)
+    for name, layer in gated_layers(model, ignored):
+        bn = batchnorm_of.get(layer)
+        if bn is not None and bn.affine:
+            gate = Gate(bn.weight, per_channel=True, initial=initial, owner=name)
+            parametrize.register_parametrization(bn, "weight", gate)
+            parametrize.register_parametrization(bn, "bias", gate)
+        else:
+            gate = Gate(layer.weight, per_channel=structured, initial=initial)
+            parametrize.register_parametrization(layer, "weight", gate)
         scores.append(gate.scores)
     return scores
 
@@ -52,7 +73,7 @@ def _gates(model: nn.Module):
         if parametrize.is_parametrized(layer, "weight"):
             for p in layer.parametrizations.weight:
                 if isinstance(p, Gate):
-                    yield name, layer, p
+                    yield p.owner or name, layer, p
 
 
 def gate_penalty(model: nn.Module) -> torch.Tensor:
@@ -67,9 +88,11 @@ def gate_values(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def fold_parametrizations(model: nn.Module) -> None:
-    """Replace every weight parametrization by its current value: a plain model, same function."""
-    for layer in [m for m in model.modules() if parametrize.is_parametrized(m, "weight")]:
-        parametrize.remove_parametrizations(layer, "weight", leave_parametrized=True)
+    """Replace every weight/bias parametrization by its current value: a plain model, same function."""
+    for layer in list(model.modules()):
+        for tensor in ("weight", "bias"):
+            if parametrize.is_parametrized(layer, tensor):
+                parametrize.remove_parametrizations(layer, tensor, leave_parametrized=True)
 
 
 class MagnitudeThreshold(nn.Module):
