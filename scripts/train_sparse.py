@@ -69,6 +69,7 @@ def build_parser():
     add("--lv", type=float, default=1.0, help="asl: weight of the sparsity loss")
     add("--asl-mode", choices=ASL_MODES, default="adaptive")
     add("--pthres", type=int, default=1000, help="asl: only layers with at least this many weights")
+    add("--threshold-lr", type=float, default=5e-4, help="asl: Adam learning rate of the thresholds")
     add("--sparsities", nargs="+", type=sparsity, default=[0.5, 0.7, 0.9])
     add("--retrain-epochs", type=float, default=0, help="magnitude: retraining with fixed masks")
     return parser
@@ -137,8 +138,11 @@ def run(args) -> int:
         attached = add_thresholds(model, args.pthres)
         if not attached:
             raise ValueError(f"no layer has at least --pthres {args.pthres} weights")
+        # Adam moves every threshold at a bounded rate: plain SGD on the sparsity loss pushed whole
+        # layers past their largest weight in a few steps (all-zero layers, a dead network)
         train(model, train_set, info, args.epochs,
-              extra_loss=lambda m: args.lv * sparsity_loss(attached, args.starget, args.asl_mode), **common)
+              extra_loss=lambda m: args.lv * sparsity_loss(attached, args.starget, args.asl_mode),
+              adam_parameters=[t.threshold for _, t in attached], adam_lr=args.threshold_lr, **common)
         model.cpu()
         fold_parametrizations(model)
         per_layer = layer_sparsity(model)

@@ -38,4 +38,5 @@ def test_asl_and_magnitude_runs(tiny_data, checkpoints, tmp_path):
     magnitude = {r["setting"]: r for r in rows if r["method"] == "global magnitude"}
     assert abs(float(magnitude["s=0.9"]["weight_sparsity"]) - 0.9) < 1e-3
     assert int(magnitude["s=0.9"]["sparse_bytes"]) < int(magnitude["s=0.9"]["dense_bytes"])
-    assert (tmp_path / "asl_adaptive_0.5_layers.csv").exists()
+    layers = (tmp_path / "asl_adaptive_0.5_layers.csv").read_text().splitlines()[1:]
+    assert len(layers) == 9 and max(float(line.split(",")[1]) for line in layers) < 1  # no dead layer
