@@ -31,7 +31,7 @@ def structured_points(frame: pd.DataFrame) -> pd.DataFrame:
         repaired = frame["repair"].fillna("none").astype(str).isin(["data", "datafree"])
         frame.loc[repaired, "family"] += " + repair " + frame.loc[repaired, "repair"].astype(str)
     if "finetune_epochs" in frame.columns:
-        tuned = frame["finetune_epochs"].fillna(0).astype(float) > 0
+        tuned = (frame["finetune_epochs"].fillna(0).astype(float) > 0) & (frame["method"] != "base")
         frame.loc[tuned, "family"] += " + fine-tuning " + frame.loc[tuned, "finetune_epochs"].map("{:g} ep".format)
     criterion = frame["criterion"].astype(str) + " " if "criterion" in frame.columns else ""
     frame["label"] = criterion + "group " + frame["group"] + " s=" + frame["sparsity"].map("{:g}".format)
