@@ -131,7 +131,7 @@ def main(argv=None) -> int:
                            "optimizer": optimizer.state_dict()}, resume_path)
 
     state_dict = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    # Record the accuracy exactly as main.py measures it: a fresh fp32 model, contiguous layout.
+    # Record the accuracy exactly as main.py measures it: a fresh fp32 model through evaluation.accuracy.
     plain = build_model(args.model_name, info.num_classes)
     plain.load_state_dict(state_dict)
     final_acc = accuracy(plain, test_inputs, test.labels)
