@@ -16,23 +16,15 @@ import pandas as pd  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from torch_pruning_ext.files import atomic_path, atomic_write_text  # noqa: E402
-
-NAMES = {"default": "default pruning", "intra_fusion": "Intra-Fusion", "intra_fusion_fp": "Intra-Fusion (fp)",
-         "base": "unpruned"}
+from report import label, variant  # noqa: E402
 
 
 def structured_points(frame: pd.DataFrame) -> pd.DataFrame:
     """Rows of the protocol: storage = dense fp32 bytes (structured pruning keeps weights dense)."""
     frame = frame.copy()
     frame["group"] = frame["group"].fillna("").astype(str)
-    frame["family"] = frame["method"].map(NAMES).fillna(frame["method"])
+    frame["family"] = frame.apply(variant, axis=1).map(label)
     frame.loc[frame["group"] == "all", "family"] += " (whole network)"
-    if "repair" in frame.columns:
-        repaired = frame["repair"].fillna("none").astype(str).isin(["data", "datafree"])
-        frame.loc[repaired, "family"] += " + repair " + frame.loc[repaired, "repair"].astype(str)
-    if "finetune_epochs" in frame.columns:
-        tuned = (frame["finetune_epochs"].fillna(0).astype(float) > 0) & (frame["method"] != "base")
-        frame.loc[tuned, "family"] += " + fine-tuning " + frame.loc[tuned, "finetune_epochs"].map("{:g} ep".format)
     criterion = frame["criterion"].astype(str) + " " if "criterion" in frame.columns else ""
     frame["label"] = criterion + "group " + frame["group"] + " s=" + frame["sparsity"].map("{:g}".format)
     frame.loc[frame["method"] == "base", "label"] = "unpruned"

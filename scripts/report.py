@@ -18,7 +18,8 @@ sys.path.insert(0, str(ROOT))
 from torch_pruning_ext.files import atomic_path, atomic_write_text  # noqa: E402
 
 METHOD_ORDER = ["default", "intra_fusion", "intra_fusion_fp"]
-LABELS = {"default": "default", "intra_fusion": "Intra-Fusion", "intra_fusion_fp": "Intra-Fusion (function-preserving)"}
+LABELS = {"default": "default pruning", "intra_fusion": "Intra-Fusion",
+          "intra_fusion_fp": "Intra-Fusion (function-preserving)", "base": "unpruned"}
 
 
 def variant(row) -> str:
@@ -34,8 +35,14 @@ def variant(row) -> str:
 
 
 def label(method: str) -> str:
+    """Readable name of a variant: "intra_fusion+repair_data+finetune_0.5" ->
+    "Intra-Fusion + repair data + fine-tuning 0.5 ep"."""
     base, *extras = method.split("+")
-    return " + ".join([LABELS.get(base, base)] + [e.replace("_", " ") for e in extras])
+    words = [LABELS.get(base, base)]
+    for extra in extras:
+        kind, _, value = extra.partition("_")
+        words.append(f"fine-tuning {value} ep" if kind == "finetune" else f"{kind} {value}")
+    return " + ".join(words)
 
 
 def method_order(methods) -> list[str]:

@@ -181,6 +181,10 @@ def test_fast_layout_keeps_outputs_and_restores_the_model(make_model):
     assert torch.allclose(fast, reference, atol=1e-4)
     assert all(p.is_contiguous() for p in model.parameters())
     assert torch.equal(predictions(model, inputs, batch_size=7), reference.argmax(dim=1))
+    model.to(memory_format=torch.channels_last)  # a user's own layout choice survives evaluation
+    predictions(model, inputs, batch_size=7)
+    assert model.layer1[0].conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not model.layer1[0].conv1.weight.is_contiguous()
 
 
 def test_save_pruned_from_the_cli(tiny_data, checkpoints, capsys, tmp_path):

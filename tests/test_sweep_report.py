@@ -92,11 +92,11 @@ def test_report_tables_summary_and_plots(tmp_path):
     text = (tmp_path / "docs" / "RESULTS.md").read_text()
     assert text.startswith("# Results\n\nIntra-Fusion loses in group 1.\n")
     assert "| 0 | 87.00 / 89.40 / 86.40 | 84.00 / 88.80 / 82.80 |" in text
-    assert "Intra-Fusion vs default: better in 4 of 4 cells, worse in 0; mean gain +5.40 points" in text
+    assert "Intra-Fusion vs default pruning: better in 4 of 4 cells, worse in 0; mean gain +5.40 points" in text
     assert "worse in 4; mean gain -1.35 points" in text  # function-preserving loses here: it is said
     assert "worst cell -2.40 (group 1, s=0.6)" in text
     assert "| 0.5 | default | 25 | 250 | 40.00 |" in text
-    assert "(points): default 6.75; Intra-Fusion 1.35; Intra-Fusion (function-preserving) 8.10" in text
+    assert "(points): default pruning 6.75; Intra-Fusion 1.35; Intra-Fusion (function-preserving) 8.10" in text
     for png in ("vgg11_bn_fashion-mnist_l1_curves.png", "vgg11_bn_fashion-mnist_l1_intra_fusion_gain.png"):
         assert (tmp_path / "docs" / png).read_bytes()[:4] == b"\x89PNG"
     assert "python scripts/sweep.py ..." in text
@@ -147,14 +147,14 @@ def test_report_shows_repaired_rows_beside_unrepaired(tmp_path):
     (tmp_path / "results.csv").write_text("\n".join([header] + rows) + "\n")
     assert report.main([str(tmp_path / "results.csv"), "--out-dir", str(tmp_path / "docs")]) == 0
     out = (tmp_path / "docs" / "RESULTS.md").read_text()
-    assert "default + repair data" in out and "Intra-Fusion + repair data" in out
-    assert "Intra-Fusion + repair data vs default + repair data" in out
+    assert "default pruning + repair data" in out and "Intra-Fusion + repair data" in out
+    assert "Intra-Fusion + repair data vs default pruning + repair data" in out
 
     # a page of the repaired cells alone, at one sparsity, with its own plot names
     assert report.main([str(tmp_path / "results.csv"), "--out-dir", str(tmp_path / "docs"), "--name", "REPAIR.md",
                         "--repair", "data", "--sparsities", "0.6", "--plot-prefix", "repair_"]) == 0
     page = (tmp_path / "docs" / "REPAIR.md").read_text()
     assert "| 0 | 89.00 / 89.00 |" in page and "| 1 | 89.00 / 89.00 |" in page
-    assert "(points): default + repair data 1.00; Intra-Fusion + repair data 1.00" in page
-    assert "s=0.3" not in page and "| 0.5 | default" not in page and "Intra-Fusion vs default:" not in page
+    assert "(points): default pruning + repair data 1.00; Intra-Fusion + repair data 1.00" in page
+    assert "s=0.3" not in page and "| 0.5 | default" not in page and "Intra-Fusion vs default pruning:" not in page
     assert (tmp_path / "docs" / "repair_vgg11_bn_fashion-mnist_l1_curves.png").is_file()

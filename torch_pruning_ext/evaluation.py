@@ -14,12 +14,14 @@ EVAL_BATCH_SIZE = 100
 @contextmanager
 def fast_layout(model: nn.Module):
     """Run a conv net with channels_last weights (oneDNN's fastest CPU layout); values are unchanged
-    and the model gets its contiguous layout back afterwards, so weight views keep working."""
+    and every weight gets its own layout back afterwards, so weight views keep working."""
+    contiguous = [p for p in model.parameters() if p.dim() == 4 and p.is_contiguous()]
     model.to(memory_format=torch.channels_last)
     try:
         yield
     finally:
-        model.to(memory_format=torch.contiguous_format)
+        for parameter in contiguous:
+            parameter.data = parameter.data.contiguous()
 
 
 def as_fast_input(batch: torch.Tensor, device) -> torch.Tensor:
