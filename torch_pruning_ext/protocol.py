@@ -13,7 +13,6 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 
-from .bn_folding import fold_batchnorms
 from .data import dataset_info, normalize
 from .evaluation import EVAL_BATCH_SIZE, accuracy
 from .footprint import dense_bytes, peak_activation_bytes
@@ -113,20 +112,14 @@ class Protocol:
         self.gates = gates
         build_importance(settings.criterion, gates)  # a bad criterion or missing gates fail here
         self.folded = copy.deepcopy(model).eval()
-        self.batchnorm_of = {pair.layer: pair.batchnorm
-                             for pair in fold_batchnorms(self.folded, self.example, settings.bn_fold)}
-        self.ignored_names = self._ignored_names()
-        groups = IntraFusionPruner(self.folded, self.example, fold_bn=None,
-                                   ignored_layers=self._ignored(self.folded)).groups()
+        folding = IntraFusionPruner(self.folded, self.example, fold_bn=settings.bn_fold)  # one graph trace
+        self.batchnorm_of = {pair.layer: pair.batchnorm for pair in folding.folded}
+        self.ignored_names = [folding.names[layer] for layer in output_layers(folding.graph)]
+        groups = folding.groups()
         self.num_groups = len(groups)
         self.member_names = [[name for name, _ in info.members] for info in groups]
         self.cache = PrefixCache(self.folded, test_inputs, batch_size, self.device) \
             if reuse and has_stages(self.folded) else None
-
-    def _ignored_names(self) -> list[str]:
-        graph = tp.DependencyGraph().build_dependency(self.folded, example_inputs=self.example, verbose=False)
-        names = {module: name for name, module in self.folded.named_modules()}
-        return [names[layer] for layer in output_layers(graph)]
 
     def _ignored(self, model: nn.Module) -> list[nn.Module]:
         modules = dict(model.named_modules())
