@@ -19,10 +19,6 @@ REPAIR_MODES = ("none", "data", "datafree")
 _EPS = 1e-8
 
 
-class _StopForward(Exception):
-    pass
-
-
 def check_mode(mode: str) -> None:
     if mode not in REPAIR_MODES:
         raise ValueError(f"unknown repair mode {mode!r}; choose one of: {', '.join(REPAIR_MODES)}")
@@ -32,22 +28,28 @@ def _out_channels(layer: nn.Module) -> int:
     return layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
 
 
+def _moments(output: torch.Tensor) -> list:
+    """Per-channel sum, sum of squares and count of a layer output (in float64)."""
+    values = output.detach().double().transpose(0, 1).reshape(output.shape[1], -1)
+    return [values.sum(1), (values ** 2).sum(1), values.shape[1]]
+
+
+def _mean_std(total, squares, count) -> tuple[torch.Tensor, torch.Tensor]:
+    mean = total / count
+    return mean, (squares / count - mean ** 2).clamp_min(0).sqrt()
+
+
 @torch.inference_mode()
-def layer_statistics(model: nn.Module, names: list[str], inputs: torch.Tensor, batch_size: int = 256,
-                     stop_after: str | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def layer_statistics(model: nn.Module, names: list[str], inputs: torch.Tensor,
+                     batch_size: int = 256) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Per-output-channel mean and std of the named layers over `inputs` (eval mode)."""
     modules = dict(model.named_modules())
-    sums: dict[str, list] = {name: [0, 0, 0] for name in names}
+    sums: dict[str, list] = {}
 
     def hook(name):
         def record(_, __, output):
-            values = output.detach().double().transpose(0, 1).reshape(output.shape[1], -1)
-            total = sums[name]
-            total[0] = total[0] + values.sum(1)
-            total[1] = total[1] + (values ** 2).sum(1)
-            total[2] += values.shape[1]
-            if name == stop_after:
-                raise _StopForward
+            moments = _moments(output)
+            sums[name] = [a + b for a, b in zip(sums[name], moments)] if name in sums else moments
         return record
 
     handles = [modules[name].register_forward_hook(hook(name)) for name in names]
@@ -55,19 +57,12 @@ def layer_statistics(model: nn.Module, names: list[str], inputs: torch.Tensor, b
     model.eval()
     try:
         for start in range(0, inputs.shape[0], batch_size):
-            try:
-                model(inputs[start:start + batch_size])
-            except _StopForward:
-                pass
+            model(inputs[start:start + batch_size])
     finally:
         for handle in handles:
             handle.remove()
         model.train(was_training)
-    stats = {}
-    for name, (total, squares, count) in sums.items():
-        mean = total / count
-        stats[name] = (mean, (squares / count - mean ** 2).clamp_min(0).sqrt())
-    return stats
+    return {name: _mean_std(*sums[name]) for name in names}
 
 
 @torch.no_grad()
@@ -91,35 +86,41 @@ def _correction(mean_p, std_p, mean_o, std_o):
     return scale, shift
 
 
-def execution_order(model: nn.Module, names: list[str], example: torch.Tensor) -> list[str]:
-    order = []
-    modules = dict(model.named_modules())
-    handles = [modules[n].register_forward_hook(lambda m, i, o, n=n: order.append(n) if n not in order else None)
-               for n in names]
-    try:
-        with torch.inference_mode():
-            model.eval()(example)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return order
-
-
+@torch.no_grad()
 def repair_with_data(original: nn.Module, pruned: nn.Module, layers: list[str],
                      channel_origin: dict[str, torch.Tensor], inputs: torch.Tensor, batch_size: int = 256) -> None:
     """Match each named layer's output statistics in `pruned` to those of `original` (same names).
 
     channel_origin maps a pruned layer's out-channels to the original channels they stand for
-    (layers absent from it kept all their channels).
+    (layers absent from it kept all their channels). `original` is measured in batches of
+    `batch_size`; `pruned` sees all `inputs` in one batch, so a single forward pass repairs every
+    layer in execution order: each layer is measured, corrected, and hands its corrected output on
+    (memory grows with the number of inputs).
     """
-    order = execution_order(pruned, layers, inputs[:2])
-    reference = layer_statistics(original, order, inputs, batch_size)
-    for name in order:
-        layer = dict(pruned.named_modules())[name]
-        mean_p, std_p = layer_statistics(pruned, [name], inputs, batch_size, stop_after=name)[name]
-        origin = channel_origin.get(name, torch.arange(_out_channels(layer)))
-        mean_o, std_o = reference[name][0][origin], reference[name][1][origin]
-        apply_affine(layer, *_correction(mean_p, std_p, mean_o, std_o))
+    reference = layer_statistics(original, layers, inputs, batch_size)
+    modules = dict(pruned.named_modules())
+    repaired = set()
+
+    def hook(name):
+        def correct(layer, args, output):
+            if name in repaired:  # a layer called twice is corrected on its first call only
+                return None
+            repaired.add(name)
+            mean_p, std_p = _mean_std(*_moments(output))
+            origin = channel_origin.get(name, torch.arange(_out_channels(layer)))
+            apply_affine(layer, *_correction(mean_p, std_p, reference[name][0][origin], reference[name][1][origin]))
+            return layer.forward(*args)  # the corrected layer's output (forward() skips the hooks)
+        return correct
+
+    handles = [modules[name].register_forward_hook(hook(name)) for name in layers]
+    was_training = pruned.training
+    pruned.eval()
+    try:
+        pruned(inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+        pruned.train(was_training)
 
 
 def _folded_channel_stats(bn: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
