@@ -16,10 +16,11 @@ from torch_pruning_ext.cli import OneLineParser, choice, run_cli, sparsity
 from torch_pruning_ext.data import DATASETS, calibration_batches, calibration_set, dataset_info, load_split, normalize
 from torch_pruning_ext.evaluation import EVAL_BATCH_SIZE
 from torch_pruning_ext.groups import describe_groups
-from torch_pruning_ext.importance import CRITERIA, DATA_CRITERIA
+from torch_pruning_ext.importance import CRITERIA, DATA_CRITERIA, THINET_SAMPLES
 from torch_pruning_ext.models import MODEL_BUILDERS
 from torch_pruning_ext.optimal_transport import PROBABILITIES, SOLVERS, TARGETS
-from torch_pruning_ext.protocol import METHODS, Protocol, Settings, repair_images
+from torch_pruning_ext.protocol import (METHODS, REPAIR_SAMPLES, TAYLOR_BATCHES, Protocol, Settings, data_sizes,
+                                        repair_images)
 from torch_pruning_ext.repair import REPAIR_MODES
 from torch_pruning_ext.pruner import IntraFusionPruner
 from torch_pruning_ext.results import check_output_path, format_table, write_rows
@@ -50,12 +51,15 @@ def build_parser() -> OneLineParser:
         help="reference = the released fold (no eps); exact = output-preserving")
     add("--repair", default="none", type=choice(REPAIR_MODES, "repair mode"),
         help="after pruning, restore channel statistics: data (unlabelled images) or datafree (BN statistics)")
-    add("--repair-samples", "--repair_samples", type=int, default=1024, help="images for --repair data")
+    add("--repair-samples", "--repair_samples", type=int, default=REPAIR_SAMPLES, help="images for --repair data")
     add("--finetune-epochs", "--finetune_epochs", type=float, default=0,
         help="fine-tune every pruned model this many epochs (fractions allowed; default 0 = data-free)")
     add("--gpu_id", "--gpu-id", type=int, default=-1, help="CUDA device index, -1 = CPU")
     add("--device", default=None, help="torch device string, overrides --gpu_id (cpu, cuda:0, ...)")
-    add("--taylor-batches", "--taylor_batches", type=int, default=5, help="training batches for taylor/chip")
+    add("--taylor-batches", "--taylor_batches", type=int, default=TAYLOR_BATCHES,
+        help="training batches of 128 for the data-driven criteria (taylor, chip, taylor_fm, thinet)")
+    add("--thinet-samples", "--thinet_samples", type=int, default=THINET_SAMPLES,
+        help="sampled outputs per consuming layer for the thinet criterion")
     add("--batch-size", "--batch_size", type=int, default=EVAL_BATCH_SIZE, help="evaluation batch size")
     add("--seed", type=int, default=0)
     add("--output", default=None, help="write rows to FILE.csv or FILE.json (merged with rows already there)")
@@ -80,8 +84,10 @@ def pick_device(args) -> torch.device:
 
 def run(args) -> int:
     device = pick_device(args)
-    if args.taylor_batches < 1 or args.batch_size < 1 or args.repair_samples < 1:
-        raise ValueError("--taylor-batches, --batch-size and --repair-samples must be positive integers")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be a positive integer, got {args.batch_size}")
+    sizes = {criterion: data_sizes(criterion, args.repair, args.taylor_batches, args.repair_samples,
+                                   args.thinet_samples) for criterion in args.importance_criteria}
     output = check_output_path(args.output) if args.output else None
     info = dataset_info(args.dataset)
     path = resolve_checkpoint(args.model_name, args.dataset, args.checkpoint, ROOT)
@@ -116,7 +122,8 @@ def run(args) -> int:
     rows = []
     for criterion in args.importance_criteria:
         settings = Settings(args.model_name, args.dataset, criterion, args.p, args.source_prob, args.target_prob,
-                            args.target, args.solver, args.bn_fold, args.seed, args.repair, args.finetune_epochs)
+                            args.target, args.solver, args.bn_fold, args.seed, args.repair, args.finetune_epochs,
+                            **sizes[criterion])
         protocol = Protocol(loaded.model, settings, inputs, test.labels, batches, args.batch_size, device,
                             reuse=not args.no_reuse, save_dir=args.save_pruned, repair_inputs=repair_inputs,
                             train_set=train_set, gates=loaded.gates)

@@ -22,9 +22,10 @@ from torch_pruning_ext.cli import run_cli, sparsity  # noqa: E402
 from torch_pruning_ext.evaluation import EVAL_BATCH_SIZE  # noqa: E402
 from torch_pruning_ext.data import (DATASETS, calibration_batches, calibration_set, dataset_info,  # noqa: E402
                                     load_split, normalize)
-from torch_pruning_ext.importance import CRITERIA, DATA_CRITERIA  # noqa: E402
+from torch_pruning_ext.importance import CRITERIA, DATA_CRITERIA, THINET_SAMPLES  # noqa: E402
 from torch_pruning_ext.models import MODEL_BUILDERS  # noqa: E402
-from torch_pruning_ext.protocol import METHODS, Protocol, Settings, cell_identity, repair_images  # noqa: E402
+from torch_pruning_ext.protocol import (METHODS, REPAIR_SAMPLES, TAYLOR_BATCHES, Protocol, Settings,  # noqa: E402
+                                        cell_identity, check_data_sizes, data_sizes, repair_images)
 from torch_pruning_ext.results import read_rows, row_key, write_rows  # noqa: E402
 
 
@@ -55,14 +56,15 @@ def build_parser() -> argparse.ArgumentParser:
     add("--sparsities", nargs="+", type=sparsity, default=[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7])
     add("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
     add("--shard", type=parse_shard, default=(1, 1), help="run cells i, i+N, i+2N, ... (1-based i/N)")
-    add("--taylor-batches", type=int, default=5)
+    add("--taylor-batches", type=int, default=TAYLOR_BATCHES)
+    add("--thinet-samples", type=int, default=THINET_SAMPLES)
     add("--batch-size", type=int, default=EVAL_BATCH_SIZE)
     add("--seed", type=int, default=0)
     add("--bn-fold", choices=["reference", "exact"], default="reference")
     add("--device", default="cpu")
     add("--repair", nargs="+", choices=["none", "data", "datafree"], default=["none"],
         help="repair modes to sweep (each is its own set of rows)")
-    add("--repair-samples", type=int, default=1024)
+    add("--repair-samples", type=int, default=REPAIR_SAMPLES)
     add("--finetune-epochs", type=float, default=0, help="fine-tune every pruned model (default 0: data-free)")
     add("--save-pruned", default=None, metavar="DIR", help="save every pruned model to DIR")
     return parser
@@ -106,6 +108,8 @@ def sweep(args) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     results = run_dir / "results.csv"
     checkpoints = dict(item.split("=", 1) for item in args.checkpoint)
+    check_data_sizes(taylor_batches=args.taylor_batches, repair_samples=args.repair_samples,
+                     thinet_samples=args.thinet_samples)
     info = dataset_info(args.dataset)
     test = load_split(args.dataset, "test", args.data_dir, download=not args.no_download)
     inputs = normalize(test.images, info)
@@ -121,7 +125,9 @@ def sweep(args) -> int:
         for criterion in args.criteria:
             for repair in args.repair:
                 settings = Settings(model_name, args.dataset, criterion, bn_fold=args.bn_fold, seed=args.seed,
-                                    repair=repair, finetune_epochs=args.finetune_epochs)
+                                    repair=repair, finetune_epochs=args.finetune_epochs,
+                                    **data_sizes(criterion, repair, args.taylor_batches, args.repair_samples,
+                                                 args.thinet_samples))
                 jobs.append((loaded, settings))
     repair_inputs = None
     if "data" in args.repair:

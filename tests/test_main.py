@@ -236,4 +236,21 @@ def test_explicit_defaults_name_the_same_settings(tiny_data, checkpoints, capsys
             "--sparsities", 0.5, "--methods", "default", "--output", tmp_path / "rows.csv"]
     assert run_main(capsys, *args)[0] == 0
     assert run_main(capsys, *args, "--p", 1, "--finetune-epochs", 0, "--seed", 0)[0] == 0
+    # data sizes that do not apply (no data criterion, no data repair) do not name new rows either
+    assert run_main(capsys, *args, "--taylor-batches", 2, "--thinet-samples", 8, "--repair-samples", 4)[0] == 0
     assert len(read_rows(tmp_path / "rows.csv")) == 2
+
+
+def test_data_sizes_name_their_rows(tiny_data, checkpoints, capsys, tmp_path):
+    args = ["--checkpoint", checkpoints[("vgg11_bn", 10)], "--data-dir", tiny_data, "--group_idxs", 1,
+            "--sparsities", 0.5, "--methods", "default", "--importance_criteria", "thinet", "l1",
+            "--taylor-batches", 1, "--output", tmp_path / "rows.csv"]
+    assert run_main(capsys, *args, "--thinet-samples", 8)[0] == 0
+    assert run_main(capsys, *args, "--thinet-samples", 64)[0] == 0
+    rows = read_rows(tmp_path / "rows.csv")
+    thinet = {r["thinet_samples"] for r in rows if r["criterion"] == "thinet"}
+    assert thinet == {"8", "64"} and {r["thinet_samples"] for r in rows if r["criterion"] == "l1"} == {""}
+    assert {r["taylor_batches"] for r in rows} == {"1", ""}  # recorded for thinet only, not for l1
+    assert len(rows) == 6  # thinet: base + cell at each sample count; l1: base + cell, once
+    code, _, err = run_main(capsys, *args, "--thinet-samples", 0)
+    assert code == 2 and "thinet-samples must be a positive integer, got 0" in err

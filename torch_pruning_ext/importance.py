@@ -13,6 +13,7 @@ from torch_pruning.pruner import function as fn
 
 CRITERIA = ("l1", "l2", "linf", "taylor", "lamp", "random", "chip", "taylor_fm", "thinet", "gate")
 DATA_CRITERIA = ("taylor", "chip", "taylor_fm", "thinet")  # these need calibration batches
+THINET_SAMPLES = 1024  # ThiNet's default number of sampled outputs per consuming layer
 _WEIGHTED = [nn.modules.conv._ConvNd, nn.Linear]
 
 
@@ -191,7 +192,7 @@ class ThiNetImportance(tp.importance.Importance):
     """
     needs_data = True
 
-    def __init__(self, samples: int = 1024, seed: int = 0):
+    def __init__(self, samples: int = THINET_SAMPLES, seed: int = 0):
         if samples < 1:
             raise ValueError(f"thinet samples must be a positive integer, got {samples!r}")
         self.samples, self.seed = samples, seed
@@ -314,10 +315,12 @@ class GateImportance(tp.importance.Importance):
         return total / count
 
 
-def build_importance(criterion, gates: dict | None = None) -> tp.importance.Importance:
+def build_importance(criterion, gates: dict | None = None,
+                     thinet_samples: int | None = None) -> tp.importance.Importance:
     """An importance object for a criterion name, or the torch-pruning Importance given.
 
     gates: the learned channel gates of a gated checkpoint, for the criterion "gate".
+    thinet_samples: ThiNet's sample count (None: THINET_SAMPLES).
     """
     if isinstance(criterion, tp.importance.Importance):
         return criterion
@@ -334,7 +337,7 @@ def build_importance(criterion, gates: dict | None = None) -> tp.importance.Impo
         "random": tp.importance.RandomImportance,
         "chip": ChipImportance,
         "taylor_fm": FeatureMapTaylorImportance,
-        "thinet": ThiNetImportance,
+        "thinet": lambda: ThiNetImportance(THINET_SAMPLES if thinet_samples is None else thinet_samples),
     }
     if criterion not in builders:
         raise ValueError(f"unknown importance criterion {criterion!r}; choose one of: {', '.join(CRITERIA)}, "

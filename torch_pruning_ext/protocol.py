@@ -17,7 +17,7 @@ from .data import dataset_info, normalize
 from .evaluation import EVAL_BATCH_SIZE, accuracy
 from .footprint import dense_bytes, peak_activation_bytes
 from .groups import output_layers
-from .importance import build_importance
+from .importance import DATA_CRITERIA, THINET_SAMPLES, build_importance
 from .optimal_transport import OptimalTransport
 from .pruner import IntraFusionPruner
 from .repair import check_mode as check_repair, repair_with_data, repair_without_data
@@ -46,6 +46,11 @@ class Settings:
     seed: int = 0
     repair: str = "none"
     finetune_epochs: float = 0.0
+    # data sizes, None = the default (and for settings they do not apply to), so rows written
+    # before they were recorded keep their names
+    taylor_batches: int | None = None
+    repair_samples: int | None = None
+    thinet_samples: int | None = None
 
     def __post_init__(self):
         # numbers are stored as floats so that "--p 1" and the default name the same settings
@@ -55,6 +60,29 @@ class Settings:
     def transport(self) -> OptimalTransport:
         return OptimalTransport(p=self.p, source_prob=self.source_prob, target_prob=self.target_prob,
                                 target=self.target, solver=self.solver)
+
+
+TAYLOR_BATCHES = 5  # calibration batches of 128 training images for the data-driven criteria
+REPAIR_SAMPLES = 1024  # unlabelled images for repair "data"
+
+
+def check_data_sizes(**sizes: int) -> dict:
+    for name, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name.replace('_', '-')} must be a positive integer, got {value!r}")
+    return sizes
+
+
+def data_sizes(criterion: str, repair: str, taylor_batches: int = TAYLOR_BATCHES,
+               repair_samples: int = REPAIR_SAMPLES, thinet_samples: int = THINET_SAMPLES) -> dict:
+    """Settings fields for the data sizes that change a cell: each only where it applies and differs
+    from its default."""
+    sizes = check_data_sizes(taylor_batches=taylor_batches, repair_samples=repair_samples,
+                             thinet_samples=thinet_samples)
+    applies = {"taylor_batches": criterion in DATA_CRITERIA, "repair_samples": repair == "data",
+               "thinet_samples": criterion == "thinet"}
+    defaults = {"taylor_batches": TAYLOR_BATCHES, "repair_samples": REPAIR_SAMPLES, "thinet_samples": THINET_SAMPLES}
+    return {name: value if applies[name] and value != defaults[name] else None for name, value in sizes.items()}
 
 
 def cell_identity(settings: Settings, group, sparsity: float, method: str) -> dict:
@@ -110,7 +138,7 @@ class Protocol:
                              "training set")
         self.train_set = train_set
         self.gates = gates
-        build_importance(settings.criterion, gates)  # a bad criterion or missing gates fail here
+        self._importance()  # a bad criterion or missing gates fail here
         self.folded = copy.deepcopy(model).eval()
         folding = IntraFusionPruner(self.folded, self.example, fold_bn=settings.bn_fold)  # one graph trace
         self.batchnorm_of = {pair.layer: pair.batchnorm for pair in folding.folded}
@@ -120,6 +148,9 @@ class Protocol:
         self.member_names = [[name for name, _ in info.members] for info in groups]
         self.cache = PrefixCache(self.folded, test_inputs, batch_size, self.device) \
             if reuse and has_stages(self.folded) else None
+
+    def _importance(self):
+        return build_importance(self.settings.criterion, self.gates, self.settings.thinet_samples)
 
     def _ignored(self, model: nn.Module) -> list[nn.Module]:
         modules = dict(model.named_modules())
@@ -151,7 +182,7 @@ class Protocol:
         torch.manual_seed(self.settings.seed)  # the random criterion and GMM draws repeat per cell
         model = copy.deepcopy(self.folded)
         started = time.perf_counter()
-        pruner = IntraFusionPruner(model, self.example, importance=build_importance(self.settings.criterion, self.gates),
+        pruner = IntraFusionPruner(model, self.example, importance=self._importance(),
                                    fold_bn=None,
                                    ignored_layers=self._ignored(model),
                                    calibration_batches=self.calibration_batches)

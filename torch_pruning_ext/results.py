@@ -21,8 +21,9 @@ def check_output_path(path: str | Path) -> Path:
 
 
 def row_key(row: dict) -> tuple:
-    """Identity of a row: every field except the measured ones, as text (CSV rows are text)."""
-    return tuple(sorted((k, "" if v is None else str(v)) for k, v in row.items() if k not in METRICS))
+    """Identity of a row: every non-empty field except the measured ones, as text (CSV rows are
+    text); an empty field names the same row as a missing one, so new optional fields keep old rows."""
+    return tuple(sorted((k, str(v)) for k, v in row.items() if k not in METRICS and v not in (None, "")))
 
 
 def read_rows(path: str | Path) -> list[dict]:
