@@ -67,9 +67,9 @@ def single_group_cells(table: pd.DataFrame) -> pd.DataFrame:
     return cells.pivot_table(index=["group", "sparsity"], columns="method", values="accuracy", aggfunc="last")
 
 
-def select(data: pd.DataFrame, repairs=None, sparsities=None) -> pd.DataFrame:
-    """Rows of the given repair modes and sparsities; the unpruned "base" rows always stay."""
-    keep = data["method"] == "base"
+def select(data: pd.DataFrame, repairs=None, sparsities=None, criteria=None, finetune_epochs=None) -> pd.DataFrame:
+    """Rows of the given repair modes, sparsities, criteria and fine-tuning epochs (None: all); the
+    unpruned "base" rows stay for every criterion kept."""
     chosen = pd.Series(True, index=data.index)
     if repairs:
         modes = data["repair"].fillna("none").astype(str) if "repair" in data.columns \
@@ -77,7 +77,14 @@ def select(data: pd.DataFrame, repairs=None, sparsities=None) -> pd.DataFrame:
         chosen &= modes.isin(repairs)
     if sparsities:
         chosen &= data["sparsity"].round(6).isin([round(s, 6) for s in sparsities])
-    return data[keep | chosen]
+    if finetune_epochs:
+        epochs = data["finetune_epochs"].fillna(0).astype(float) if "finetune_epochs" in data.columns \
+            else pd.Series(0.0, index=data.index)
+        chosen &= epochs.round(6).isin([round(e, 6) for e in finetune_epochs])
+    keep = (data["method"] == "base") | chosen
+    if criteria:
+        keep &= data["criterion"].isin(criteria)
+    return data[keep]
 
 
 def gap_to_base(pivot: pd.DataFrame, methods, base: float | None) -> str:
@@ -171,7 +178,7 @@ def whole_network_table(table: pd.DataFrame) -> str:
         return ""
     lines = ["| sparsity | method | params | MACs | accuracy |", "|---|---|---|---|---|"]
     for _, row in whole.sort_values(["sparsity", "method"]).iterrows():
-        lines.append(f"| {row['sparsity']:g} | {row['method']} | {int(row['params']):,} | {int(row['macs']):,} | "
+        lines.append(f"| {row['sparsity']:g} | {label(row['method'])} | {int(row['params']):,} | {int(row['macs']):,} | "
                      f"{row['accuracy']:.2f} |")
     return "\n".join(lines)
 
@@ -183,17 +190,17 @@ def report(data: pd.DataFrame, out_dir: Path, title: str, commands: list[str], p
     if commands:
         parts += ["Regenerate with:", "", "```"] + commands + ["```", ""]
     for (model, dataset, criterion), table in data.groupby(["model", "dataset", "criterion"], sort=False):
-        methods = method_order(set(table["method"]) - {"base"})
         base_rows = table[table["method"] == "base"]
         base = float(base_rows["accuracy"].iloc[0]) if len(base_rows) else None
         parts.append(f"## {model} on {dataset}, {criterion} importance")
         parts.append("")
         if base is not None:
-            parts.append(f"Unpruned accuracy: {base:.2f}%. Cells: {' / '.join(label(m) for m in methods)} "
-                         "(top-1 %, one group pruned, no fine-tuning).")
-            parts.append("")
+            parts += [f"Unpruned accuracy: {base:.2f}%.", ""]
         pivot = single_group_cells(table)
         if not pivot.empty:
+            methods = method_order(pivot.columns)
+            tuning = "" if any("+finetune" in m for m in methods) else ", no fine-tuning"
+            parts += [f"Cells: {' / '.join(label(m) for m in methods)} (top-1 %, one group pruned{tuning}).", ""]
             parts += [markdown_table(pivot, methods), ""]
             parts += [line for line in (summary(pivot, m) for m in methods if not m.startswith("default")) if line]
             parts += [gap_to_base(pivot, methods, base), ""]
@@ -222,6 +229,9 @@ def main(argv=None) -> int:
     parser.add_argument("--repair", nargs="+", choices=["none", "data", "datafree"], default=None,
                         help="only rows of these repair modes (default: all)")
     parser.add_argument("--sparsities", nargs="+", type=float, default=None, help="only these sparsities")
+    parser.add_argument("--criteria", nargs="+", default=None, help="only these importance criteria")
+    parser.add_argument("--finetune-epochs", nargs="+", type=float, default=None,
+                        help="only rows fine-tuned for these epochs (0: data-free rows)")
     parser.add_argument("--plot-prefix", default="", help="prefix of the PNG file names (to keep reports apart)")
     parser.add_argument("--intro", default=None, help="Markdown file whose text follows the title (findings)")
     args = parser.parse_args(argv)
@@ -230,7 +240,11 @@ def main(argv=None) -> int:
         print(f"report.py: error: no such file: {missing[0]}", file=sys.stderr)
         return 2
     out_dir = Path(args.out_dir)
-    data = select(load(args.results), args.repair, args.sparsities)
+    data = select(load(args.results), args.repair, args.sparsities, args.criteria, args.finetune_epochs)
+    if not (data["method"] != "base").any():
+        print("report.py: error: no pruned rows match the filters (--repair, --sparsities, --criteria, "
+              "--finetune-epochs)", file=sys.stderr)
+        return 2
     intro = Path(args.intro).read_text() if args.intro else ""
     text = report(data, out_dir, args.title, args.command, args.plot_prefix, intro)
     atomic_write_text(out_dir / args.name, text)

@@ -95,7 +95,7 @@ def test_report_tables_summary_and_plots(tmp_path):
     assert "Intra-Fusion vs default pruning: better in 4 of 4 cells, worse in 0; mean gain +5.40 points" in text
     assert "worse in 4; mean gain -1.35 points" in text  # function-preserving loses here: it is said
     assert "worst cell -2.40 (group 1, s=0.6)" in text
-    assert "| 0.5 | default | 25 | 250 | 40.00 |" in text
+    assert "| 0.5 | default pruning | 25 | 250 | 40.00 |" in text
     assert "(points): default pruning 6.75; Intra-Fusion 1.35; Intra-Fusion (function-preserving) 8.10" in text
     for png in ("vgg11_bn_fashion-mnist_l1_curves.png", "vgg11_bn_fashion-mnist_l1_intra_fusion_gain.png"):
         assert (tmp_path / "docs" / png).read_bytes()[:4] == b"\x89PNG"
@@ -158,3 +158,28 @@ def test_report_shows_repaired_rows_beside_unrepaired(tmp_path):
     assert "(points): default pruning + repair data 1.00; Intra-Fusion + repair data 1.00" in page
     assert "s=0.3" not in page and "| 0.5 | default" not in page and "Intra-Fusion vs default pruning:" not in page
     assert (tmp_path / "docs" / "repair_vgg11_bn_fashion-mnist_l1_curves.png").is_file()
+
+
+def test_report_filters_criteria_and_finetuning(tmp_path, capsys):
+    _fake_results(tmp_path / "results.csv")
+    lines = (tmp_path / "results.csv").read_text().splitlines()
+    header, rows = lines[0] + ",finetune_epochs", [line + ",0" for line in lines[1:]]
+    rows += [line.replace(",l1,", ",taylor,") for line in rows]  # a second criterion
+    rows += [line.rsplit(",", 5)[0] + ",91.5,80,800,0.1,0.5" for line in rows
+             if ",l1,0,0.6,intra_fusion," in line or ",taylor,all,0.5,default," in line]  # fine-tuned copies
+    (tmp_path / "results.csv").write_text("\n".join([header] + rows) + "\n")
+    args = [str(tmp_path / "results.csv"), "--out-dir", str(tmp_path / "docs")]
+    assert report.main(args + ["--criteria", "l1"]) == 0
+    page = (tmp_path / "docs" / "RESULTS.md").read_text()
+    assert "l1 importance" in page and "taylor importance" not in page and "fine-tuning 0.5 ep" in page
+    assert "no fine-tuning" not in page
+    assert report.main(args + ["--criteria", "l1", "--finetune-epochs", "0"]) == 0
+    page = (tmp_path / "docs" / "RESULTS.md").read_text()
+    assert "fine-tuning 0.5 ep" not in page and "one group pruned, no fine-tuning" in page
+    assert report.main(args + ["--criteria", "taylor"]) == 0  # only its whole-network row was fine-tuned
+    page = (tmp_path / "docs" / "RESULTS.md").read_text()
+    assert "Cells: default pruning / Intra-Fusion / Intra-Fusion (function-preserving) (top-1 %, one group " \
+           "pruned, no fine-tuning)" in page
+    assert "| 0.5 | default pruning + fine-tuning 0.5 ep | 80 | 800 | 91.50 |" in page
+    assert report.main(args + ["--criteria", "lamp"]) == 2
+    assert "no pruned rows match the filters" in capsys.readouterr().err
