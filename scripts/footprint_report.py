@@ -23,7 +23,8 @@ def structured_points(frame: pd.DataFrame) -> pd.DataFrame:
     """Rows of the protocol: storage = dense fp32 bytes (structured pruning keeps weights dense)."""
     frame = frame.copy()
     frame["group"] = frame["group"].fillna("").astype(str)
-    frame["family"] = frame.apply(variant, axis=1).map(label)
+    frame["family"] = pd.Series([label(variant(row)) for _, row in frame.iterrows()], index=frame.index,
+                                dtype=object)
     frame.loc[frame["group"] == "all", "family"] += " (whole network)"
     criterion = frame["criterion"].astype(str) + " " if "criterion" in frame.columns else ""
     frame["label"] = criterion + "group " + frame["group"] + " s=" + frame["sparsity"].map("{:g}".format)

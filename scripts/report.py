@@ -22,8 +22,12 @@ LABELS = {"default": "default pruning", "intra_fusion": "Intra-Fusion",
           "intra_fusion_fp": "Intra-Fusion (function-preserving)", "base": "unpruned"}
 
 
+DATA_SIZES = ("taylor_batches", "repair_samples", "thinet_samples")  # recorded only when not the default
+
+
 def variant(row) -> str:
-    """The method name, extended by the repair mode and fine-tuning when a row used them."""
+    """The method name, extended by the repair mode, fine-tuning and non-default data sizes when a
+    row used them, so that such rows get their own column instead of overwriting each other."""
     name = row["method"]
     if name == "base":
         return name
@@ -31,12 +35,15 @@ def variant(row) -> str:
         name += f"+repair_{row['repair']}"
     if float(row.get("finetune_epochs", 0) or 0) > 0:
         name += f"+finetune_{float(row['finetune_epochs']):g}"
+    for size in DATA_SIZES:
+        if str(row.get(size, "")) not in ("", "nan", "None"):
+            name += f"+{size.replace('_', '-')}_{int(float(row[size]))}"
     return name
 
 
 def label(method: str) -> str:
-    """Readable name of a variant: "intra_fusion+repair_data+finetune_0.5" ->
-    "Intra-Fusion + repair data + fine-tuning 0.5 ep"."""
+    """Readable name of a variant: "intra_fusion+repair_data+finetune_0.5+thinet-samples_64" ->
+    "Intra-Fusion + repair data + fine-tuning 0.5 ep + thinet-samples 64"."""
     base, *extras = method.split("+")
     words = [LABELS.get(base, base)]
     for extra in extras:

@@ -181,6 +181,12 @@ def test_fast_layout_keeps_outputs_and_restores_the_model(make_model):
     assert torch.allclose(fast, reference, atol=1e-4)
     assert all(p.is_contiguous() for p in model.parameters())
     assert torch.equal(predictions(model, inputs, batch_size=7), reference.argmax(dim=1))
+    model.register_buffer("template", torch.randn(2, 3, 4, 5))
+    model.layer1[0].conv1.weight.grad = torch.ones_like(model.layer1[0].conv1.weight)
+    predictions(model, inputs, batch_size=7)
+    assert model.template.is_contiguous() and model.layer1[0].conv1.weight.grad.is_contiguous()
+    model.train()
+    model(inputs).sum().backward()  # still trainable: evaluation left no inference tensors behind
     model.to(memory_format=torch.channels_last)  # a user's own layout choice survives evaluation
     predictions(model, inputs, batch_size=7)
     assert model.layer1[0].conv1.weight.is_contiguous(memory_format=torch.channels_last)
@@ -193,6 +199,8 @@ def test_save_pruned_from_the_cli(tiny_data, checkpoints, capsys, tmp_path):
             "--sparsities", 0.5, "--methods", "intra_fusion", "--save-pruned", tmp_path / "pruned"]
     assert run_main(capsys, *args)[0] == 0
     saved = tmp_path / "pruned" / "vgg11_bn_fashion-mnist_l1_g2_s0.5_intra_fusion.pt"
+    assert run_main(capsys, *args, "--repair", "datafree", "--p", 2)[0] == 0  # a variant gets its own file
+    assert (tmp_path / "pruned" / "vgg11_bn_fashion-mnist_l1_g2_s0.5_intra_fusion_p-2_repair-datafree.pt").is_file()
     model = load_pruned(saved)
     assert model.features[18].out_channels == 256 and model.features[22].in_channels == 256
 

@@ -74,3 +74,29 @@ def test_datafree_repair_undoes_twin_scaling(make_model, rule):
     repair_without_data(original, reference_model, folded, results, pruner.channel_origin,
                         {"features.18": "features.19"})
     assert (folded(x) - before).abs().max() < 1e-4
+
+
+class _HeadCalledByKeyword(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+        self.fc = torch.nn.Linear(4, 2)
+        self.aux = torch.nn.Linear(4, 2)  # a training-only head: never runs in eval mode
+
+    def forward(self, x):
+        return self.fc(input=self.conv(x).mean((2, 3)))
+
+
+def test_data_repair_handles_keyword_calls_and_layers_that_never_run():
+    torch.manual_seed(0)
+    original = _HeadCalledByKeyword().eval()
+    damaged = copy.deepcopy(original)
+    with torch.no_grad():
+        damaged.conv.weight.mul_(3.0)
+        damaged.conv.bias.add_(1.0)
+    aux_before = damaged.aux.weight.clone()
+    inputs = torch.randn(32, 3, 8, 8)
+    repair_with_data(original, damaged, ["conv", "fc", "aux"], {}, inputs)
+    assert torch.allclose(damaged(inputs), original(inputs), atol=1e-4)  # an affine shift is fully undone
+    assert torch.equal(damaged.aux.weight, aux_before)
+    assert set(layer_statistics(damaged, ["conv", "aux"], inputs)) == {"conv"}

@@ -183,3 +183,17 @@ def test_report_filters_criteria_and_finetuning(tmp_path, capsys):
     assert "| 0.5 | default pruning + fine-tuning 0.5 ep | 80 | 800 | 91.50 |" in page
     assert report.main(args + ["--criteria", "lamp"]) == 2
     assert "no pruned rows match the filters" in capsys.readouterr().err
+
+
+def test_variants_keep_rows_of_different_data_sizes_apart():
+    import footprint_report
+    import pandas as pd
+    row = {"method": "intra_fusion", "repair": "data", "finetune_epochs": 0.5, "thinet_samples": 64.0,
+           "taylor_batches": float("nan"), "repair_samples": ""}
+    assert report.variant(row) == "intra_fusion+repair_data+finetune_0.5+thinet-samples_64"
+    assert report.label(report.variant(row)) == \
+        "Intra-Fusion + repair data + fine-tuning 0.5 ep + thinet-samples 64"
+    assert report.variant(dict(row, thinet_samples="")) == "intra_fusion+repair_data+finetune_0.5"
+    empty = pd.DataFrame(columns=["model", "group", "method", "criterion", "sparsity", "accuracy", "dense_bytes",
+                                  "peak_activation_bytes"])
+    assert footprint_report.structured_points(empty).empty  # a header-only results file gives no points

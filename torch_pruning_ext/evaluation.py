@@ -11,17 +11,36 @@ import torch.nn as nn
 EVAL_BATCH_SIZE = 100
 
 
+def _layout_restorers(model: nn.Module) -> list:
+    """A function per contiguous 4-D parameter, gradient and buffer that makes it contiguous again."""
+    restore = []
+    for module in model.modules():
+        for parameter in module._parameters.values():
+            if parameter is not None and parameter.dim() == 4 and parameter.is_contiguous():
+                restore.append(lambda p=parameter: setattr(p, "data", p.data.contiguous()))
+            if parameter is not None and parameter.grad is not None and parameter.grad.dim() == 4 \
+                    and parameter.grad.is_contiguous():
+                restore.append(lambda p=parameter: setattr(p, "grad", p.grad.contiguous()))
+        for name, buffer in module._buffers.items():
+            if buffer is not None and buffer.dim() == 4 and buffer.is_contiguous():
+                restore.append(lambda m=module, n=name: m._buffers.__setitem__(n, m._buffers[n].contiguous()))
+    return restore
+
+
 @contextmanager
 def fast_layout(model: nn.Module):
     """Run a conv net with channels_last weights (oneDNN's fastest CPU layout); values are unchanged
-    and every weight gets its own layout back afterwards, so weight views keep working."""
-    contiguous = [p for p in model.parameters() if p.dim() == 4 and p.is_contiguous()]
-    model.to(memory_format=torch.channels_last)
+    and every tensor gets its own layout back afterwards, so weight views keep working. The layout
+    changes run outside inference mode, so the model can still be trained after an evaluation."""
+    with torch.inference_mode(False):
+        restorers = _layout_restorers(model)
+        model.to(memory_format=torch.channels_last)
     try:
         yield
     finally:
-        for parameter in contiguous:
-            parameter.data = parameter.data.contiguous()
+        with torch.inference_mode(False):
+            for restore in restorers:
+                restore()
 
 
 def as_fast_input(batch: torch.Tensor, device) -> torch.Tensor:

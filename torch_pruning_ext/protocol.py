@@ -93,6 +93,16 @@ def cell_identity(settings: Settings, group, sparsity: float, method: str) -> di
     return head | fields
 
 
+def pruned_file_name(settings: Settings, group: str, sparsity: float, method: str) -> str:
+    """model_dataset_criterion_gGROUP_sSPARSITY_method.pt, then every setting that is not the default
+    (e.g. _repair-data_finetune-epochs-0.5), so variants of a cell never overwrite each other."""
+    defaults = asdict(Settings(settings.model, settings.dataset, settings.criterion))
+    extras = [f"{key.replace('_', '-')}-{value:g}" if isinstance(value, float) else f"{key.replace('_', '-')}-{value}"
+              for key, value in asdict(settings).items() if value != defaults[key]]
+    return "_".join([settings.model, settings.dataset, settings.criterion, f"g{group}", f"s{sparsity:g}", method]
+                    + extras) + ".pt"
+
+
 def num_outputs(model: nn.Module) -> int:
     """Number of outputs of the model's last Linear layer."""
     return [m for m in model.modules() if isinstance(m, nn.Linear)][-1].out_features
@@ -212,8 +222,7 @@ class Protocol:
             else " ".join(map(str, groups))
         row = self._row(model, label, sparsity, method, seconds, groups)
         if self.save_dir is not None:
-            s = self.settings
-            name = f"{s.model}_{s.dataset}_{s.criterion}_g{str(label).replace(' ', '-')}_s{sparsity:g}_{method}.pt"
-            save_pruned(model.cpu(), Path(self.save_dir) / name, s.model, int(num_outputs(model)),
+            name = pruned_file_name(self.settings, str(label).replace(" ", "-"), sparsity, method)
+            save_pruned(model.cpu(), Path(self.save_dir) / name, self.settings.model, int(num_outputs(model)),
                         metadata=row)
         return row

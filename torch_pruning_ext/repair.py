@@ -28,10 +28,20 @@ def _out_channels(layer: nn.Module) -> int:
     return layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
 
 
+_MOMENT_CHUNK = 64  # images per float64 copy: bounds the extra memory of the statistics
+
+
+class _AllRepaired(Exception):
+    pass
+
+
 def _moments(output: torch.Tensor) -> list:
     """Per-channel sum, sum of squares and count of a layer output (in float64)."""
-    values = output.detach().double().transpose(0, 1).reshape(output.shape[1], -1)
-    return [values.sum(1), (values ** 2).sum(1), values.shape[1]]
+    total = squares = 0
+    for part in output.detach().split(_MOMENT_CHUNK):
+        values = part.double().transpose(0, 1).reshape(part.shape[1], -1)
+        total, squares = total + values.sum(1), squares + (values ** 2).sum(1)
+    return [total, squares, output.numel() // output.shape[1]]
 
 
 def _mean_std(total, squares, count) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,7 +52,8 @@ def _mean_std(total, squares, count) -> tuple[torch.Tensor, torch.Tensor]:
 @torch.inference_mode()
 def layer_statistics(model: nn.Module, names: list[str], inputs: torch.Tensor,
                      batch_size: int = 256) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Per-output-channel mean and std of the named layers over `inputs` (eval mode)."""
+    """Per-output-channel mean and std of the named layers over `inputs` (eval mode); layers that
+    never run are left out."""
     modules = dict(model.named_modules())
     sums: dict[str, list] = {}
 
@@ -62,7 +73,7 @@ def layer_statistics(model: nn.Module, names: list[str], inputs: torch.Tensor,
         for handle in handles:
             handle.remove()
         model.train(was_training)
-    return {name: _mean_std(*sums[name]) for name in names}
+    return {name: _mean_std(*sums[name]) for name in names if name in sums}
 
 
 @torch.no_grad()
@@ -95,28 +106,33 @@ def repair_with_data(original: nn.Module, pruned: nn.Module, layers: list[str],
     (layers absent from it kept all their channels). `original` is measured in batches of
     `batch_size`; `pruned` sees all `inputs` in one batch, so a single forward pass repairs every
     layer in execution order: each layer is measured, corrected, and hands its corrected output on
-    (memory grows with the number of inputs).
+    (memory grows with the number of inputs). The pass stops after the last of them; layers that
+    never run are left alone.
     """
     reference = layer_statistics(original, layers, inputs, batch_size)
     modules = dict(pruned.named_modules())
     repaired = set()
 
     def hook(name):
-        def correct(layer, args, output):
+        def correct(layer, args, kwargs, output):
             if name in repaired:  # a layer called twice is corrected on its first call only
                 return None
             repaired.add(name)
             mean_p, std_p = _mean_std(*_moments(output))
             origin = channel_origin.get(name, torch.arange(_out_channels(layer)))
             apply_affine(layer, *_correction(mean_p, std_p, reference[name][0][origin], reference[name][1][origin]))
-            return layer.forward(*args)  # the corrected layer's output (forward() skips the hooks)
+            if len(repaired) == len(reference):
+                raise _AllRepaired
+            return layer.forward(*args, **kwargs)  # the corrected layer's output (forward() skips the hooks)
         return correct
 
-    handles = [modules[name].register_forward_hook(hook(name)) for name in layers]
+    handles = [modules[name].register_forward_hook(hook(name), with_kwargs=True) for name in reference]
     was_training = pruned.training
     pruned.eval()
     try:
         pruned(inputs)
+    except _AllRepaired:
+        pass
     finally:
         for handle in handles:
             handle.remove()
