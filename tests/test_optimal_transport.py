@@ -1,8 +1,10 @@
+import warnings
+
 import numpy as np
 import pytest
 import torch
 
-from torch_pruning_ext import OptimalTransport, identity_map, transport_maps
+from torch_pruning_ext import OptimalTransport, identity_map, optimal_transport, transport_maps
 
 
 def test_coupling_has_the_requested_marginals():
@@ -66,9 +68,19 @@ def test_sinkhorn_is_close_to_exact_on_a_small_problem():
     torch.manual_seed(0)
     features, kept = torch.randn(16, 8), torch.arange(0, 16, 2)
     exact = OptimalTransport().coupling(features, None, kept)
-    approx = OptimalTransport(solver="sinkhorn", sinkhorn_reg=0.001).coupling(features, None, kept)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # POT's "did not converge" is not passed on when the plan is fine
+        approx = OptimalTransport(solver="sinkhorn", sinkhorn_reg=0.001).coupling(features, None, kept)
     assert np.allclose(approx.sum(1), 1 / 16, atol=1e-3)
     assert (approx - exact).abs().sum() < 0.2
+
+
+def test_sinkhorn_warns_when_its_plan_moves_the_wrong_masses(monkeypatch):
+    monkeypatch.setattr(optimal_transport, "SINKHORN_ITERATIONS", 2000)
+    torch.manual_seed(0)
+    with pytest.warns(RuntimeWarning, match=r"Sinkhorn stopped after 2000 iterations with marginals off by .*"
+                                            r"sinkhorn_reg=1e-06\); raise sinkhorn_reg or use solver='emd'"):
+        OptimalTransport(solver="sinkhorn", sinkhorn_reg=1e-6).coupling(torch.randn(16, 8), None, torch.arange(0, 16, 2))
 
 
 @pytest.mark.parametrize("kwargs, message", [
