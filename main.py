@@ -21,7 +21,7 @@ from torch_pruning_ext.models import MODEL_BUILDERS
 from torch_pruning_ext.optimal_transport import PROBABILITIES, SOLVERS, TARGETS
 from torch_pruning_ext.protocol import (METHODS, REPAIR_SAMPLES, TAYLOR_BATCHES, Protocol, Settings, data_sizes,
                                         repair_images)
-from torch_pruning_ext.repair import REPAIR_MODES
+from torch_pruning_ext.repair import DATA_MODES, REPAIR_MODES
 from torch_pruning_ext.pruner import IntraFusionPruner
 from torch_pruning_ext.results import check_output_path, format_table, write_rows
 from torch_pruning_ext.bn_folding import FOLD_MODES
@@ -50,8 +50,9 @@ def build_parser() -> OneLineParser:
     add("--bn-fold", "--bn_fold", default="reference", type=choice(FOLD_MODES, "bn fold mode"),
         help="reference = the released fold (no eps); exact = output-preserving")
     add("--repair", default="none", type=choice(REPAIR_MODES, "repair mode"),
-        help="after pruning, restore channel statistics: data (unlabelled images) or datafree (BN statistics)")
-    add("--repair-samples", "--repair_samples", type=int, default=REPAIR_SAMPLES, help="images for --repair data")
+        help="after pruning, restore channel statistics: data (unlabelled images; data_downstream also "
+             "corrects every later layer) or datafree (BN statistics)")
+    add("--repair-samples", "--repair_samples", type=int, default=REPAIR_SAMPLES, help="images for --repair data/data_downstream")
     add("--finetune-epochs", "--finetune_epochs", type=float, default=0,
         help="fine-tune every pruned model this many epochs (fractions allowed; default 0 = data-free)")
     add("--gpu_id", "--gpu-id", type=int, default=-1, help="CUDA device index, -1 = CPU")
@@ -110,7 +111,7 @@ def run(args) -> int:
         batches = calibration_batches(calibration_set(args.dataset, args.data_dir, not args.no_download), info, args.taylor_batches,
                                       128, args.seed)
     repair_inputs = None
-    if args.repair == "data":
+    if args.repair in DATA_MODES:
         repair_inputs = repair_images(calibration_set(args.dataset, args.data_dir, not args.no_download), info,
                                       args.repair_samples, args.seed)
     train_set = None

@@ -16,6 +16,7 @@ import pandas as pd  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from torch_pruning_ext.files import atomic_path, atomic_write_text  # noqa: E402
+from torch_pruning_ext.repair import REPAIR_MODES  # noqa: E402
 
 METHOD_ORDER = ["default", "intra_fusion", "intra_fusion_fp"]
 LABELS = {"default": "default pruning", "intra_fusion": "Intra-Fusion",
@@ -48,7 +49,7 @@ def label(method: str) -> str:
     words = [LABELS.get(base, base)]
     for extra in extras:
         kind, _, value = extra.partition("_")
-        words.append(f"fine-tuning {value} ep" if kind == "finetune" else f"{kind} {value}")
+        words.append(f"fine-tuning {value} ep" if kind == "finetune" else f"{kind} {value.replace('_', ' ')}")
     return " + ".join(words)
 
 
@@ -233,7 +234,7 @@ def main(argv=None) -> int:
     parser.add_argument("--name", default="RESULTS.md", help="Markdown file name inside --out-dir")
     parser.add_argument("--title", default="Results")
     parser.add_argument("--command", action="append", default=[], help="command line to quote in the report")
-    parser.add_argument("--repair", nargs="+", choices=["none", "data", "datafree"], default=None,
+    parser.add_argument("--repair", nargs="+", choices=REPAIR_MODES, default=None,
                         help="only rows of these repair modes (default: all)")
     parser.add_argument("--sparsities", nargs="+", type=float, default=None, help="only these sparsities")
     parser.add_argument("--criteria", nargs="+", default=None, help="only these importance criteria")

@@ -26,6 +26,7 @@ from torch_pruning_ext.importance import CRITERIA, DATA_CRITERIA, THINET_SAMPLES
 from torch_pruning_ext.models import MODEL_BUILDERS  # noqa: E402
 from torch_pruning_ext.protocol import (METHODS, REPAIR_SAMPLES, TAYLOR_BATCHES, Protocol, Settings,  # noqa: E402
                                         cell_identity, check_data_sizes, data_sizes, repair_images)
+from torch_pruning_ext.repair import DATA_MODES, REPAIR_MODES  # noqa: E402
 from torch_pruning_ext.results import read_rows, row_key, write_rows  # noqa: E402
 
 
@@ -62,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--seed", type=int, default=0)
     add("--bn-fold", choices=["reference", "exact"], default="reference")
     add("--device", default="cpu")
-    add("--repair", nargs="+", choices=["none", "data", "datafree"], default=["none"],
+    add("--repair", nargs="+", choices=REPAIR_MODES, default=["none"],
         help="repair modes to sweep (each is its own set of rows)")
     add("--repair-samples", type=int, default=REPAIR_SAMPLES)
     add("--finetune-epochs", type=float, default=0, help="fine-tune every pruned model (default 0: data-free)")
@@ -130,7 +131,7 @@ def sweep(args) -> int:
                                                  args.thinet_samples))
                 jobs.append((loaded, settings))
     repair_inputs = None
-    if "data" in args.repair:
+    if set(args.repair) & set(DATA_MODES):
         repair_inputs = repair_images(calibration_set(args.dataset, args.data_dir, not args.no_download), info,
                                       args.repair_samples, args.seed)
     train_set = None

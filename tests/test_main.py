@@ -208,11 +208,13 @@ def test_save_pruned_from_the_cli(tiny_data, checkpoints, capsys, tmp_path):
 def test_repair_modes_from_the_cli(tiny_data, checkpoints, capsys, tmp_path):
     args = ["--checkpoint", checkpoints[("vgg11_bn", 10)], "--data-dir", tiny_data, "--group_idxs", 1,
             "--sparsities", 0.7, "--methods", "intra_fusion", "--output", tmp_path / "rows.csv"]
-    for mode in ("none", "data", "datafree"):
+    for mode in ("none", "data", "data_downstream", "datafree"):
         assert run_main(capsys, *args, "--repair", mode, "--repair-samples", 64)[0] == 0
     rows = read_rows(tmp_path / "rows.csv")
-    assert sorted({r["repair"] for r in rows}) == ["data", "datafree", "none"]
-    assert len([r for r in rows if r["method"] == "intra_fusion"]) == 3
+    assert sorted({r["repair"] for r in rows}) == ["data", "data_downstream", "datafree", "none"]
+    assert len([r for r in rows if r["method"] == "intra_fusion"]) == 4
+    assert {r["repair"]: r["repair_samples"] for r in rows if r["method"] == "intra_fusion"} == \
+        {"none": "", "data": "64", "data_downstream": "64", "datafree": ""}
     code, _, err = run_main(capsys, *args, "--repair", "data", "--repair-samples", 5000)
     assert code == 2 and "--repair-samples 5000 is more than the 256" in err
 

@@ -100,3 +100,20 @@ def test_data_repair_handles_keyword_calls_and_layers_that_never_run():
     assert torch.allclose(damaged(inputs), original(inputs), atol=1e-4)  # an affine shift is fully undone
     assert torch.equal(damaged.aux.weight, aux_before)
     assert set(layer_statistics(damaged, ["conv", "aux"], inputs)) == {"conv"}
+
+
+def test_downstream_repair_restores_later_layers_and_leaves_earlier_ones(make_model):
+    _, folded, _ = _folded(make_model)
+    inputs = torch.randn(96, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    convs = [n for n, m in folded.named_modules() if isinstance(m, torch.nn.Conv2d)]
+    last = convs[-1]
+    reference = layer_statistics(folded, [last], inputs)[last]
+    gaps = {}
+    for downstream in ([], convs):
+        model, pruner, results = _pruned(folded, groups=(6,))
+        layers = sorted({n for r in results for n in r.producers + r.consumers})
+        assert last not in layers and convs[0] not in layers  # group 6 sits between them
+        repair_with_data(folded, model, layers, pruner.channel_origin, inputs, downstream=downstream)
+        assert torch.equal(dict(model.named_modules())[convs[0]].weight, dict(folded.named_modules())[convs[0]].weight)
+        gaps[len(downstream) > 0] = (layer_statistics(model, [last], inputs)[last][1] - reference[1]).abs().max()
+    assert gaps[True] < 1e-3 * reference[1].max() < gaps[False]  # only the downstream repair reaches the last conv

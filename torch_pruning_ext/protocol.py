@@ -16,11 +16,11 @@ import torch_pruning as tp
 from .data import dataset_info, normalize
 from .evaluation import EVAL_BATCH_SIZE, accuracy
 from .footprint import dense_bytes, peak_activation_bytes
-from .groups import output_layers
+from .groups import ROOT_TYPES, output_layers
 from .importance import DATA_CRITERIA, THINET_SAMPLES, build_importance
 from .optimal_transport import OptimalTransport
 from .pruner import IntraFusionPruner
-from .repair import check_mode as check_repair, repair_with_data, repair_without_data
+from .repair import DATA_MODES, check_mode as check_repair, repair_with_data, repair_without_data
 from .serialization import save_pruned
 from .staged import PrefixCache, first_stage, has_stages, run_stages
 from .training import train
@@ -63,7 +63,7 @@ class Settings:
 
 
 TAYLOR_BATCHES = 5  # calibration batches of 128 training images for the data-driven criteria
-REPAIR_SAMPLES = 1024  # unlabelled images for repair "data"
+REPAIR_SAMPLES = 1024  # unlabelled images for the data repair modes
 
 
 def check_data_sizes(**sizes: int) -> dict:
@@ -79,7 +79,7 @@ def data_sizes(criterion: str, repair: str, taylor_batches: int = TAYLOR_BATCHES
     from its default."""
     sizes = check_data_sizes(taylor_batches=taylor_batches, repair_samples=repair_samples,
                              thinet_samples=thinet_samples)
-    applies = {"taylor_batches": criterion in DATA_CRITERIA, "repair_samples": repair == "data",
+    applies = {"taylor_batches": criterion in DATA_CRITERIA, "repair_samples": repair in DATA_MODES,
                "thinet_samples": criterion == "thinet"}
     defaults = {"taylor_batches": TAYLOR_BATCHES, "repair_samples": REPAIR_SAMPLES, "thinet_samples": THINET_SAMPLES}
     return {name: value if applies[name] and value != defaults[name] else None for name, value in sizes.items()}
@@ -140,8 +140,8 @@ class Protocol:
         self.save_dir = save_dir
         self.settings.transport()  # validate the options before any work
         check_repair(settings.repair)
-        if settings.repair == "data" and repair_inputs is None:
-            raise ValueError("repair mode 'data' needs unlabelled images (repair_inputs)")
+        if settings.repair in DATA_MODES and repair_inputs is None:
+            raise ValueError(f"repair mode {settings.repair!r} needs unlabelled images (repair_inputs)")
         self.repair_inputs = repair_inputs
         if settings.finetune_epochs < 0 or (settings.finetune_epochs > 0 and train_set is None):
             raise ValueError(f"finetune_epochs={settings.finetune_epochs!r} needs a non-negative value and a "
@@ -207,9 +207,12 @@ class Protocol:
         return model, results, time.perf_counter() - started
 
     def _repair(self, model: nn.Module, pruner: IntraFusionPruner, results) -> None:
-        if self.settings.repair == "data":
+        if self.settings.repair in DATA_MODES:
             layers = sorted({name for r in results for name in r.producers + r.consumers})
-            repair_with_data(self.folded, model, layers, pruner.channel_origin, self.repair_inputs)
+            downstream = [name for name, module in model.named_modules() if isinstance(module, ROOT_TYPES)
+                          and name not in self.ignored_names] if self.settings.repair == "data_downstream" else []
+            repair_with_data(self.folded, model, layers, pruner.channel_origin, self.repair_inputs,
+                             downstream=downstream)
         elif self.settings.repair == "datafree":
             repair_without_data(self.model, self.folded, model, results, pruner.channel_origin, self.batchnorm_of)
 

@@ -6,7 +6,10 @@ Jordan et al. 2023) is folded straight into the layer's weights and bias, so the
 still a plain network.
 
 - "data": statistics measured on unlabelled images in the original and the pruned model, layer by
-  layer in execution order (each layer is measured after the earlier ones were corrected).
+  layer in execution order (each layer is measured after the earlier ones were corrected), for the
+  producers and consumers of the pruned groups.
+- "data_downstream": the same, and also every later Conv/Linear layer (output layers excepted):
+  their channels are the originals, but their inputs have shifted, so they drift too.
 - "datafree": the pruned producers' statistics predicted from the original BatchNorm statistics and
   the transport map, with no data (consumers are left alone: their input distribution is unknown).
 """
@@ -15,7 +18,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-REPAIR_MODES = ("none", "data", "datafree")
+REPAIR_MODES = ("none", "data", "data_downstream", "datafree")
+DATA_MODES = ("data", "data_downstream")  # the modes that need unlabelled images
 _EPS = 1e-8
 
 
@@ -99,7 +103,8 @@ def _correction(mean_p, std_p, mean_o, std_o):
 
 @torch.no_grad()
 def repair_with_data(original: nn.Module, pruned: nn.Module, layers: list[str],
-                     channel_origin: dict[str, torch.Tensor], inputs: torch.Tensor, batch_size: int = 256) -> None:
+                     channel_origin: dict[str, torch.Tensor], inputs: torch.Tensor, batch_size: int = 256,
+                     downstream=()) -> None:
     """Match each named layer's output statistics in `pruned` to those of `original` (same names).
 
     channel_origin maps a pruned layer's out-channels to the original channels they stand for
@@ -107,15 +112,17 @@ def repair_with_data(original: nn.Module, pruned: nn.Module, layers: list[str],
     `batch_size`; `pruned` sees all `inputs` in one batch, so a single forward pass repairs every
     layer in execution order: each layer is measured, corrected, and hands its corrected output on
     (memory grows with the number of inputs). The pass stops after the last of them; layers that
-    never run are left alone.
+    never run are left alone. `downstream` names further layers, corrected only when they run after
+    one of `layers` has been.
     """
-    reference = layer_statistics(original, layers, inputs, batch_size)
+    changed = set(layers)
+    reference = layer_statistics(original, list(dict.fromkeys([*layers, *downstream])), inputs, batch_size)
     modules = dict(pruned.named_modules())
     repaired = set()
 
     def hook(name):
         def correct(layer, args, kwargs, output):
-            if name in repaired:  # a layer called twice is corrected on its first call only
+            if name in repaired or (name not in changed and not repaired):  # first call; downstream only
                 return None
             repaired.add(name)
             mean_p, std_p = _mean_std(*_moments(output))
