@@ -11,6 +11,7 @@ import argparse
 import fcntl
 import sys
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 from tqdm import tqdm
@@ -89,9 +90,19 @@ def expand_groups(specs, count: int, model: str) -> list:
     return list(dict.fromkeys(groups))
 
 
-def plan_cells(settings: Settings, groups, sparsities, methods) -> list[tuple]:
-    """(group, sparsity, method) cells of one (model, criterion), the unpruned "base" row first."""
-    return [(None, 0.0, "base")] + [(g, s, m) for g in groups for s in sparsities for m in methods]
+def plan_cells(block: list[Settings], groups, sparsities, methods) -> list[tuple]:
+    """(settings, (group, sparsity, method)) cells of one (model, criterion) block, whose settings
+    differ only in the repair mode: the unpruned "base" rows first, then group by group, so the
+    protocols of the block share each cached prefix activation while it is in memory."""
+    cells = [(settings, (None, 0.0, "base")) for settings in block]
+    for group in groups:
+        cells += [(settings, (group, s, m)) for settings in block for s in sparsities for m in methods]
+    return cells
+
+
+def _block_of(settings: Settings) -> Settings:
+    """What the settings of one block share: everything but the repair mode and its sample count."""
+    return replace(settings, repair="none", repair_samples=None)
 
 
 @contextmanager
@@ -119,17 +130,16 @@ def sweep(args) -> int:
         batches = calibration_batches(calibration_set(args.dataset, args.data_dir, not args.no_download), info,
                                       args.taylor_batches, 128, args.seed)
     # The full, ordered cell list: identical in every shard, so shards partition it exactly.
-    jobs = []
+    blocks = []
     for model_name in args.models:
         path = resolve_checkpoint(model_name, args.dataset, checkpoints.get(model_name), ROOT)
         loaded = load_model(path, model_name, args.dataset, info.num_classes)
         for criterion in args.criteria:
-            for repair in args.repair:
-                settings = Settings(model_name, args.dataset, criterion, bn_fold=args.bn_fold, seed=args.seed,
-                                    repair=repair, finetune_epochs=args.finetune_epochs,
-                                    **data_sizes(criterion, repair, args.taylor_batches, args.repair_samples,
-                                                 args.thinet_samples))
-                jobs.append((loaded, settings))
+            blocks.append((loaded, [Settings(model_name, args.dataset, criterion, bn_fold=args.bn_fold, seed=args.seed,
+                                             repair=repair, finetune_epochs=args.finetune_epochs,
+                                             **data_sizes(criterion, repair, args.taylor_batches,
+                                                          args.repair_samples, args.thinet_samples))
+                                    for repair in args.repair]))
     repair_inputs = None
     if set(args.repair) & set(DATA_MODES):
         repair_inputs = repair_images(calibration_set(args.dataset, args.data_dir, not args.no_download), info,
@@ -141,23 +151,25 @@ def sweep(args) -> int:
     with locked(run_dir):
         done = {row_key(row) for row in read_rows(results)}
     planned = []
-    for loaded, settings in jobs:
-        probe = Protocol(loaded.model, settings, inputs[:1], test.labels[:1], batches, reuse=False,
+    for loaded, block in blocks:
+        probe = Protocol(loaded.model, block[0], inputs[:1], test.labels[:1], batches, reuse=False,
                          repair_inputs=repair_inputs, train_set=train_set, gates=loaded.gates)
-        groups = expand_groups(args.groups, probe.num_groups, settings.model)
-        for cell in plan_cells(settings, groups, args.sparsities, args.methods):
-            planned.append((loaded, settings, cell))
+        groups = expand_groups(args.groups, probe.num_groups, block[0].model)
+        planned += [(loaded, settings, cell) for settings, cell in
+                    plan_cells(block, groups, args.sparsities, args.methods)]
     mine = planned[index - 1::count]
     pending = [job for job in mine if row_key(cell_identity(job[1], *job[2])) not in done]
     print(f"{len(planned)} cells in the sweep, {len(mine)} in shard {index}/{count}, "
           f"{len(mine) - len(pending)} already done, {len(pending)} to run", file=sys.stderr)
-    protocols: dict[Settings, Protocol] = {}
+    protocols: dict[Settings, Protocol] = {}  # those of the current block, sharing one activation cache
     for loaded, settings, (group, level, method) in tqdm(pending, unit="cell", desc="sweep"):
         if settings not in protocols:
-            protocols.clear()  # one protocol (and its activation cache) at a time
+            if any(_block_of(settings) != _block_of(other) for other in protocols):
+                protocols.clear()  # a new block: free the old protocols and their cache
+            shared = next(iter(protocols.values())).cache if protocols else None
             protocols[settings] = Protocol(loaded.model, settings, inputs, test.labels, batches, args.batch_size,
                                            args.device, save_dir=args.save_pruned, repair_inputs=repair_inputs,
-                                           train_set=train_set, gates=loaded.gates)
+                                           train_set=train_set, gates=loaded.gates, prefix_cache=shared)
         protocol = protocols[settings]
         row = protocol.base_row() if method == "base" else protocol.run_cell(group, level, method)
         with locked(run_dir):

@@ -197,3 +197,13 @@ def test_variants_keep_rows_of_different_data_sizes_apart():
     empty = pd.DataFrame(columns=["model", "group", "method", "criterion", "sparsity", "accuracy", "dense_bytes",
                                   "peak_activation_bytes"])
     assert footprint_report.structured_points(empty).empty  # a header-only results file gives no points
+
+
+def test_repair_modes_in_one_sweep_equal_separate_sweeps(tiny_data, checkpoints, tmp_path):
+    extra = ["--groups", "1", "6", "--methods", "intra_fusion", "--repair-samples", "32"]
+    assert sweep.main(sweep_args(tmp_path / "joint", tiny_data, checkpoints, *extra,
+                                 "--repair", "none", "data", "datafree")) == 0  # one shared activation cache
+    for mode in ("none", "data", "datafree"):
+        assert sweep.main(sweep_args(tmp_path / "apart", tiny_data, checkpoints, *extra, "--repair", mode)) == 0
+    joint, apart = cells(tmp_path / "joint" / "results.csv"), cells(tmp_path / "apart" / "results.csv")
+    assert joint == apart and len(joint) == 3 * (1 + 2 * 2)

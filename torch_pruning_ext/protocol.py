@@ -126,11 +126,14 @@ class Protocol:
 
     reuse: evaluate each pruned copy from the cached activation of the layers before the pruned
     group (models with ``stages()``), which gives the same numbers as a full forward pass.
+    prefix_cache: the cache of another Protocol on the same model, test inputs and BatchNorm fold
+    (e.g. the same cells under another repair mode), to share its work instead of building one.
     """
 
     def __init__(self, model: nn.Module, settings: Settings, test_inputs: torch.Tensor, test_labels: torch.Tensor,
                  calibration_batches=None, batch_size: int = EVAL_BATCH_SIZE, device="cpu", reuse: bool = True,
-                 save_dir=None, repair_inputs: torch.Tensor | None = None, train_set=None, gates=None):
+                 save_dir=None, repair_inputs: torch.Tensor | None = None, train_set=None, gates=None,
+                 prefix_cache: PrefixCache | None = None):
         self.settings = settings
         self.model = model.eval()
         self.inputs, self.labels = test_inputs, test_labels
@@ -156,8 +159,9 @@ class Protocol:
         groups = folding.groups()
         self.num_groups = len(groups)
         self.member_names = [[name for name, _ in info.members] for info in groups]
-        self.cache = PrefixCache(self.folded, test_inputs, batch_size, self.device) \
-            if reuse and has_stages(self.folded) else None
+        self.cache = None
+        if reuse and has_stages(self.folded):
+            self.cache = prefix_cache or PrefixCache(self.folded, test_inputs, batch_size, self.device)
 
     def _importance(self):
         return build_importance(self.settings.criterion, self.gates, self.settings.thinet_samples)
