@@ -20,7 +20,7 @@ from .groups import ROOT_TYPES, output_layers
 from .importance import DATA_CRITERIA, THINET_SAMPLES, build_importance
 from .optimal_transport import OptimalTransport
 from .pruner import IntraFusionPruner
-from .repair import DATA_MODES, check_mode as check_repair, repair_with_data, repair_without_data
+from .repair import DATA_MODES, check_mode as check_repair, layer_statistics, repair_with_data, repair_without_data
 from .serialization import save_pruned
 from .staged import PrefixCache, first_stage, has_stages, run_stages
 from .training import train
@@ -146,6 +146,7 @@ class Protocol:
         if settings.repair in DATA_MODES and repair_inputs is None:
             raise ValueError(f"repair mode {settings.repair!r} needs unlabelled images (repair_inputs)")
         self.repair_inputs = repair_inputs
+        self._reference_stats = None
         if settings.finetune_epochs < 0 or (settings.finetune_epochs > 0 and train_set is None):
             raise ValueError(f"finetune_epochs={settings.finetune_epochs!r} needs a non-negative value and a "
                              "training set")
@@ -215,8 +216,11 @@ class Protocol:
             layers = sorted({name for r in results for name in r.producers + r.consumers})
             downstream = [name for name, module in model.named_modules() if isinstance(module, ROOT_TYPES)
                           and name not in self.ignored_names] if self.settings.repair == "data_downstream" else []
+            if self._reference_stats is None:  # the original's statistics, measured once for all cells
+                names = [name for name, module in self.folded.named_modules() if isinstance(module, ROOT_TYPES)]
+                self._reference_stats = layer_statistics(self.folded, names, self.repair_inputs)
             repair_with_data(self.folded, model, layers, pruner.channel_origin, self.repair_inputs,
-                             downstream=downstream)
+                             downstream=downstream, reference_stats=self._reference_stats)
         elif self.settings.repair == "datafree":
             repair_without_data(self.model, self.folded, model, results, pruner.channel_origin, self.batchnorm_of)
 

@@ -104,7 +104,7 @@ def _correction(mean_p, std_p, mean_o, std_o):
 @torch.no_grad()
 def repair_with_data(original: nn.Module, pruned: nn.Module, layers: list[str],
                      channel_origin: dict[str, torch.Tensor], inputs: torch.Tensor, batch_size: int = 256,
-                     downstream=()) -> None:
+                     downstream=(), reference_stats: dict | None = None) -> None:
     """Match each named layer's output statistics in `pruned` to those of `original` (same names).
 
     channel_origin maps a pruned layer's out-channels to the original channels they stand for
@@ -113,10 +113,15 @@ def repair_with_data(original: nn.Module, pruned: nn.Module, layers: list[str],
     layer in execution order: each layer is measured, corrected, and hands its corrected output on
     (memory grows with the number of inputs). The pass stops after the last of them; layers that
     never run are left alone. `downstream` names further layers, corrected only when they run after
-    one of `layers` has been.
+    one of `layers` has been. reference_stats: layer_statistics(original, ..., inputs) computed
+    beforehand (once for many pruned copies of one model); `original` is then not run.
     """
     changed = set(layers)
-    reference = layer_statistics(original, list(dict.fromkeys([*layers, *downstream])), inputs, batch_size)
+    wanted = list(dict.fromkeys([*layers, *downstream]))
+    if reference_stats is None:
+        reference = layer_statistics(original, wanted, inputs, batch_size)
+    else:
+        reference = {name: reference_stats[name] for name in wanted if name in reference_stats}
     modules = dict(pruned.named_modules())
     repaired = set()
 
