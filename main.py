@@ -52,7 +52,8 @@ def build_parser() -> OneLineParser:
     add("--repair", default="none", type=choice(REPAIR_MODES, "repair mode"),
         help="after pruning, restore channel statistics: data (unlabelled images; data_downstream also "
              "corrects every later layer) or datafree (BN statistics)")
-    add("--repair-samples", "--repair_samples", type=int, default=REPAIR_SAMPLES, help="images for --repair data/data_downstream")
+    add("--repair-samples", "--repair_samples", type=int, default=REPAIR_SAMPLES,
+        help="images for --repair data/data_downstream")
     add("--finetune-epochs", "--finetune_epochs", type=float, default=0,
         help="fine-tune every pruned model this many epochs (fractions allowed; default 0 = data-free)")
     add("--gpu_id", "--gpu-id", type=int, default=-1, help="CUDA device index, -1 = CPU")
