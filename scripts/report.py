@@ -75,10 +75,13 @@ def single_group_cells(table: pd.DataFrame) -> pd.DataFrame:
     return cells.pivot_table(index=["group", "sparsity"], columns="method", values="accuracy", aggfunc="last")
 
 
-def select(data: pd.DataFrame, repairs=None, sparsities=None, criteria=None, finetune_epochs=None) -> pd.DataFrame:
-    """Rows of the given repair modes, sparsities, criteria and fine-tuning epochs (None: all); the
-    unpruned "base" rows stay for every criterion kept."""
+def select(data: pd.DataFrame, repairs=None, sparsities=None, criteria=None, finetune_epochs=None,
+           methods=None) -> pd.DataFrame:
+    """Rows of the given repair modes, sparsities, criteria, fine-tuning epochs and pruning methods
+    (None: all); the unpruned "base" rows stay for every criterion kept."""
     chosen = pd.Series(True, index=data.index)
+    if methods:
+        chosen &= data["method"].str.split("+").str[0].isin(methods)
     if repairs:
         modes = data["repair"].fillna("none").astype(str) if "repair" in data.columns \
             else pd.Series("none", index=data.index)
@@ -240,6 +243,8 @@ def main(argv=None) -> int:
     parser.add_argument("--criteria", nargs="+", default=None, help="only these importance criteria")
     parser.add_argument("--finetune-epochs", nargs="+", type=float, default=None,
                         help="only rows fine-tuned for these epochs (0: data-free rows)")
+    parser.add_argument("--methods", nargs="+", choices=METHOD_ORDER, default=None,
+                        help="only these pruning methods (default: all)")
     parser.add_argument("--plot-prefix", default="", help="prefix of the PNG file names (to keep reports apart)")
     parser.add_argument("--intro", default=None, help="Markdown file whose text follows the title (findings)")
     args = parser.parse_args(argv)
@@ -248,10 +253,11 @@ def main(argv=None) -> int:
         print(f"report.py: error: no such file: {missing[0]}", file=sys.stderr)
         return 2
     out_dir = Path(args.out_dir)
-    data = select(load(args.results), args.repair, args.sparsities, args.criteria, args.finetune_epochs)
+    data = select(load(args.results), args.repair, args.sparsities, args.criteria, args.finetune_epochs,
+                  args.methods)
     if not (data["method"] != "base").any():
         print("report.py: error: no pruned rows match the filters (--repair, --sparsities, --criteria, "
-              "--finetune-epochs)", file=sys.stderr)
+              "--finetune-epochs, --methods)", file=sys.stderr)
         return 2
     intro = Path(args.intro).read_text() if args.intro else ""
     text = report(data, out_dir, args.title, args.command, args.plot_prefix, intro)

@@ -143,3 +143,37 @@ def test_data_criteria_list_matches_the_objects():
     from torch_pruning_ext.importance import DATA_CRITERIA, needs_data
     built = {name: build_importance(name, gates={"x": torch.ones(1)}) for name in CRITERIA}
     assert {name for name, imp in built.items() if needs_data(imp)} == set(DATA_CRITERIA)
+
+
+@pytest.mark.parametrize("criterion", ["taylor", "thinet"])
+def test_shared_score_cache_skips_repeat_passes_and_changes_nothing(criterion, monkeypatch):
+    from torch_pruning_ext import OptimalTransport
+    from torch_pruning_ext.importance import TaylorImportance, ThiNetImportance
+    kind = TaylorImportance if criterion == "taylor" else ThiNetImportance
+    passes = []
+    original = kind.prepare
+    monkeypatch.setattr(kind, "prepare", lambda self, *args: (passes.append(1), original(self, *args)))
+    base = _tiny_with_dead_channel()
+
+    def pruned(cache, groups, sparsity):
+        model = Tiny().eval()
+        model.load_state_dict(base.state_dict())
+        pruner = IntraFusionPruner(model, torch.randn(1, 3, 8, 8), importance=criterion, fold_bn=None,
+                                   calibration_batches=_batches(), score_cache=cache)
+        pruner.prune(groups, sparsity, OptimalTransport())
+        return model
+
+    cache = {}
+    for sparsity in (0.3, 0.6):  # the same group of copies of one model: one pass over the batches
+        fresh = pruned(None, [0, 1], sparsity)
+        passes.clear()
+        cached, again = pruned(cache, [0, 1], sparsity), pruned(cache, [0, 1], sparsity)
+        assert len(passes) == (3 if sparsity == 0.3 else 2)  # group 1 is scored after group 0 changed it
+        for a, b in zip(fresh.state_dict().values(), list(cached.state_dict().values())):
+            assert torch.equal(a, b)
+        assert all(torch.equal(a, b) for a, b in zip(cached.state_dict().values(), again.state_dict().values()))
+    assert sorted(cache) == [0]
+    passes.clear()
+    pruned(cache, [1], 0.5)  # another first group: measured once, then cached
+    pruned(cache, [1], 0.5)
+    assert len(passes) == 1 and sorted(cache) == [0, 1]

@@ -151,8 +151,9 @@ def test_bundled_fashion_mnist_layout_and_normalisation():
     assert load_split("fashion-mnist", "test", "/nonexistent", download=False).labels.shape == (10000,)
 
 
-@pytest.mark.parametrize("name, groups", [("vgg11_bn", [0, 3, 7]), ("resnet18", [0, 5, 11])])
-def test_prefix_reuse_gives_identical_numbers(tiny_data, name, groups):
+@pytest.mark.parametrize("name, groups, criterion", [("vgg11_bn", [0, 3, 7], "l1"), ("resnet18", [0, 5, 11], "l1"),
+                                                     ("vgg11_bn", [0, 3, 7], "taylor")])
+def test_prefix_reuse_gives_identical_numbers(tiny_data, name, groups, criterion):
     from torch_pruning_ext.protocol import Protocol, Settings
     from tests.conftest import randomize_batchnorms
     torch.manual_seed(0)
@@ -161,9 +162,11 @@ def test_prefix_reuse_gives_identical_numbers(tiny_data, name, groups):
     inputs = normalize(test.images, dataset_info("fashion-mnist"))
     rows = {}
     for reuse in (True, False):
-        protocol = Protocol(model, Settings(name, "fashion-mnist"), inputs, test.labels, batch_size=40, reuse=reuse)
-        assert (protocol.cache is not None) == reuse
-        rows[reuse] = [protocol.run_cell(g, 0.5, m) for g in groups for m in ("default", "intra_fusion")]
+        protocol = Protocol(model, Settings(name, "fashion-mnist", criterion), inputs, test.labels, batch_size=40,
+                            reuse=reuse, calibration_batches=[(inputs[:8], test.labels[:8])])
+        assert (protocol.cache is not None) == reuse and (protocol.score_cache is not None) == reuse
+        rows[reuse] = [protocol.run_cell(g, s, m) for g in groups for s in (0.3, 0.5)
+                       for m in ("default", "intra_fusion")]  # scores cached at 0.3 are reused at 0.5
         rows[reuse] += [protocol.run_cell(groups[:2], 0.3, "intra_fusion_fp")]
     strip = lambda rs: [{k: v for k, v in r.items() if k != "prune_seconds"} for r in rs]  # noqa: E731
     assert strip(rows[True]) == strip(rows[False])

@@ -181,8 +181,15 @@ def test_report_filters_criteria_and_finetuning(tmp_path, capsys):
     assert "Cells: default pruning / Intra-Fusion / Intra-Fusion (function-preserving) (top-1 %, one group " \
            "pruned, no fine-tuning)" in page
     assert "| 0.5 | default pruning + fine-tuning 0.5 ep | 80 | 800 | 91.50 |" in page
+    assert report.main(args + ["--criteria", "l1", "--finetune-epochs", "0", "--methods", "default",
+                               "intra_fusion"]) == 0
+    page = (tmp_path / "docs" / "RESULTS.md").read_text()
+    assert "Cells: default pruning / Intra-Fusion (top-1 %" in page and "function-preserving" not in page
     assert report.main(args + ["--criteria", "lamp"]) == 2
     assert "no pruned rows match the filters" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        report.main(args + ["--methods", "fusion"])
+    assert "invalid choice: 'fusion'" in capsys.readouterr().err
 
 
 def test_variants_keep_rows_of_different_data_sizes_apart():

@@ -160,6 +160,7 @@ class Protocol:
         groups = folding.groups()
         self.num_groups = len(groups)
         self.member_names = [[name for name, _ in info.members] for info in groups]
+        self.score_cache = {} if reuse else None  # every cell prunes a copy of self.folded: first-group scores repeat
         self.cache = None
         if reuse and has_stages(self.folded):
             self.cache = prefix_cache or PrefixCache(self.folded, test_inputs, batch_size, self.device)
@@ -200,7 +201,8 @@ class Protocol:
         pruner = IntraFusionPruner(model, self.example, importance=self._importance(),
                                    fold_bn=None,
                                    ignored_layers=self._ignored(model),
-                                   calibration_batches=self.calibration_batches)
+                                   calibration_batches=self.calibration_batches,
+                                   score_cache=self.score_cache)
         rule = METHODS[method]
         results = pruner.prune(groups, sparsity, self.settings.transport() if rule else None,
                                fusion_rule=rule or "reference")

@@ -56,10 +56,14 @@ class IntraFusionPruner:
     ignored_layers: layers whose out-channels are never pruned (default: those feeding the output).
     fold_bn: "exact", "reference" (the released code's fold) or None (do not fold).
     calibration_batches: (inputs, labels) batches for data-driven criteria (taylor, chip).
+    score_cache: a dict shared by pruners of identical copies of one model (same criterion and
+    batches): the data-driven criteria's scores of groups measured before the model changes are
+    kept there by group index and reused, so each costs one pass over the batches, not one per copy.
     """
 
     def __init__(self, model: nn.Module, example_inputs: torch.Tensor, importance="l1",
-                 ignored_layers=None, fold_bn: str | None = "exact", calibration_batches=None):
+                 ignored_layers=None, fold_bn: str | None = "exact", calibration_batches=None,
+                 score_cache: dict | None = None):
         if fold_bn is not None and fold_bn not in FOLD_MODES:
             raise ValueError(f"unknown fold_bn {fold_bn!r}; choose one of: {', '.join(FOLD_MODES)}, or None")
         self.model = model
@@ -67,6 +71,8 @@ class IntraFusionPruner:
         if needs_data(self.importance) and not calibration_batches:
             raise ValueError(f"importance {importance!r} needs calibration_batches (inputs, labels)")
         self.calibration_batches = calibration_batches or []
+        self.score_cache = score_cache if needs_data(self.importance) else None
+        self.changed = False  # whether a group was pruned: cached scores no longer describe the model
         was_training = model.training
         model.eval()  # tracing in train mode would update BatchNorm statistics
         try:
@@ -99,14 +105,22 @@ class IntraFusionPruner:
                                  f"0..{self.num_groups - 1}")
         return indices
 
-    def _scores(self, group) -> torch.Tensor:
+    def _scores(self, index: int, group=None) -> torch.Tensor:
+        cacheable = self.score_cache is not None and not self.changed
+        if cacheable and index in self.score_cache:
+            return self.score_cache[index].clone()
+        if group is None:
+            group = full_group(self.graph, self.roots[index])
         if callable(getattr(self.importance, "prepare", None)):
             self.importance.prepare(self.model, group, self.calibration_batches)
         scores = self.importance(group)
         if scores is None:
             raise ValueError(f"importance {type(self.importance).__name__} gave no score for group rooted at "
                              f"{self.names.get(group[0].dep.target.module)}")
-        return scores.detach().float().cpu()
+        scores = scores.detach().float().cpu()
+        if cacheable:
+            self.score_cache[index] = scores.clone()
+        return scores
 
     def prune(self, group_indices="all", sparsity: float = 0.5, transport: OptimalTransport | None = None,
               fusion_rule: str = "reference", dimensionality_preserving: bool = False,
@@ -130,7 +144,7 @@ class IntraFusionPruner:
         return results
 
     def _global_plan(self, indices, sparsity) -> dict[int, list[int]]:
-        scores = {index: self._scores(full_group(self.graph, self.roots[index])) for index in indices}
+        scores = {index: self._scores(index) for index in indices}
         flat = torch.cat([scores[i] for i in indices])
         budget = int(len(flat) * sparsity)
         threshold = flat.sort().values[budget - 1] if budget > 0 else -math.inf
@@ -148,10 +162,10 @@ class IntraFusionPruner:
         n = len(group[0].idxs)
         check_finite_group(group, self.names)
         if planned is None:
-            scores = self._scores(group)
+            scores = self._scores(index, group)
             pruned = scores.argsort(stable=True)[: n - kept_count(n, sparsity)].tolist()
         else:
-            scores, pruned = (self._scores(group) if transport is not None else None), planned
+            scores, pruned = (self._scores(index, group) if transport is not None else None), planned
         seconds["importance"] = time.perf_counter() - started
         kept = torch.tensor(sorted(set(range(n)) - set(pruned)), dtype=torch.long)
         producers, consumers = layer_roles(group, n, self.names)
@@ -181,6 +195,7 @@ class IntraFusionPruner:
             self._track_origins(producers, kept)
             prune_channels(self.graph, group, pruned)
         seconds["slicing"] = time.perf_counter() - started
+        self.changed = self.changed or bool(pruned)
         if needs_data(self.importance):
             self.model.zero_grad(set_to_none=True)
         return result
