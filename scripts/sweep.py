@@ -161,15 +161,16 @@ def sweep(args) -> int:
     pending = [job for job in mine if row_key(cell_identity(job[1], *job[2])) not in done]
     print(f"{len(planned)} cells in the sweep, {len(mine)} in shard {index}/{count}, "
           f"{len(mine) - len(pending)} already done, {len(pending)} to run", file=sys.stderr)
-    protocols: dict[Settings, Protocol] = {}  # those of the current block, sharing one activation cache
+    protocols: dict[Settings, Protocol] = {}  # those of the current block, sharing their caches
     for loaded, settings, (group, level, method) in tqdm(pending, unit="cell", desc="sweep"):
         if settings not in protocols:
             if any(_block_of(settings) != _block_of(other) for other in protocols):
                 protocols.clear()  # a new block: free the old protocols and their cache
-            shared = next(iter(protocols.values())).cache if protocols else None
+            first = next(iter(protocols.values()), None)
+            caches = {"prefix_cache": first.cache, "score_cache": first.score_cache} if first else {}
             protocols[settings] = Protocol(loaded.model, settings, inputs, test.labels, batches, args.batch_size,
                                            args.device, save_dir=args.save_pruned, repair_inputs=repair_inputs,
-                                           train_set=train_set, gates=loaded.gates, prefix_cache=shared)
+                                           train_set=train_set, gates=loaded.gates, **caches)
         protocol = protocols[settings]
         row = protocol.base_row() if method == "base" else protocol.run_cell(group, level, method)
         with locked(run_dir):

@@ -168,6 +168,13 @@ def test_prefix_reuse_gives_identical_numbers(tiny_data, name, groups, criterion
         rows[reuse] = [protocol.run_cell(g, s, m) for g in groups for s in (0.3, 0.5)
                        for m in ("default", "intra_fusion")]  # scores cached at 0.3 are reused at 0.5
         rows[reuse] += [protocol.run_cell(groups[:2], 0.3, "intra_fusion_fp")]
+        if reuse:  # a second protocol (another repair mode) sharing both caches gives the same cells
+            shared = Protocol(model, Settings(name, "fashion-mnist", criterion, repair="datafree"), inputs,
+                              test.labels, batch_size=40, calibration_batches=[(inputs[:8], test.labels[:8])],
+                              prefix_cache=protocol.cache, score_cache=protocol.score_cache)
+            assert shared.score_cache is protocol.score_cache and shared.cache is protocol.cache
+            pairs = [(shared.run_cell(g, 0.5, "default"), protocol.run_cell(g, 0.5, "default")) for g in groups]
+            assert all(a["accuracy"] == b["accuracy"] for a, b in pairs)
     strip = lambda rs: [{k: v for k, v in r.items() if k != "prune_seconds"} for r in rs]  # noqa: E731
     assert strip(rows[True]) == strip(rows[False])
 

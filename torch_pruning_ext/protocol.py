@@ -128,12 +128,14 @@ class Protocol:
     group (models with ``stages()``), which gives the same numbers as a full forward pass.
     prefix_cache: the cache of another Protocol on the same model, test inputs and BatchNorm fold
     (e.g. the same cells under another repair mode), to share its work instead of building one.
+    score_cache: likewise the score cache of another Protocol on the same model, criterion and
+    calibration batches.
     """
 
     def __init__(self, model: nn.Module, settings: Settings, test_inputs: torch.Tensor, test_labels: torch.Tensor,
                  calibration_batches=None, batch_size: int = EVAL_BATCH_SIZE, device="cpu", reuse: bool = True,
                  save_dir=None, repair_inputs: torch.Tensor | None = None, train_set=None, gates=None,
-                 prefix_cache: PrefixCache | None = None):
+                 prefix_cache: PrefixCache | None = None, score_cache: dict | None = None):
         self.settings = settings
         self.model = model.eval()
         self.inputs, self.labels = test_inputs, test_labels
@@ -160,7 +162,8 @@ class Protocol:
         groups = folding.groups()
         self.num_groups = len(groups)
         self.member_names = [[name for name, _ in info.members] for info in groups]
-        self.score_cache = {} if reuse else None  # every cell prunes a copy of self.folded: first-group scores repeat
+        # every cell prunes a copy of self.folded, so the scores of the first group it prunes repeat
+        self.score_cache = (score_cache if score_cache is not None else {}) if reuse else None
         self.cache = None
         if reuse and has_stages(self.folded):
             self.cache = prefix_cache or PrefixCache(self.folded, test_inputs, batch_size, self.device)
