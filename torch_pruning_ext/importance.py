@@ -293,7 +293,7 @@ class GateImportance(tp.importance.Importance):
     def __init__(self, gates: dict[str, torch.Tensor]):
         if not gates:
             raise ValueError("importance 'gate' needs a checkpoint trained with channel gates "
-                             "(scripts/train_sparse.py --method gates); this one has none")
+                             "(scripts/train_sparse.py gates); this one has none")
         self.gates = {name: value.detach().float().flatten() for name, value in gates.items()}
         self._names: dict[nn.Module, str] = {}
 
