@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -37,7 +38,8 @@ def build_parser() -> OneLineParser:
     add("--data-dir", "--data_dir", default=None, help="folder holding the data set (else ./data, system copies)")
     add("--no-download", "--no_download", action="store_true", help="never try to download a data set")
     add("--checkpoint", default=None, help="checkpoint file, models.zip, or models.zip:MEMBER")
-    add("--group_idxs", "--group-idxs", nargs="+", type=int, default=[1, 2, 3], help="groups to prune, one at a time")
+    add("--group_idxs", "--group-idxs", nargs="+", type=group_index, default=[1, 2, 3],
+        help="groups to prune, one at a time; 'all' prunes every group together (the whole network)")
     add("--sparsities", nargs="+", type=sparsity, default=[0.3, 0.4, 0.5, 0.6, 0.7])
     add("--importance_criteria", "--importance-criteria", nargs="+", type=choice(CRITERIA, "criterion"),
         default=["l1"])
@@ -53,7 +55,7 @@ def build_parser() -> OneLineParser:
         help="after pruning, restore channel statistics: data (unlabelled images; data_downstream also "
              "corrects every later layer) or datafree (BN statistics)")
     add("--repair-samples", "--repair_samples", type=int, default=REPAIR_SAMPLES,
-        help="images for --repair data/data_downstream")
+        help="unlabelled training images for --repair data/data_downstream/reconstruct")
     add("--finetune-epochs", "--finetune_epochs", type=float, default=0,
         help="fine-tune every pruned model this many epochs (fractions allowed; default 0 = data-free)")
     add("--gpu_id", "--gpu-id", type=int, default=-1, help="CUDA device index, -1 = CPU")
@@ -71,6 +73,16 @@ def build_parser() -> OneLineParser:
         help="save every pruned model to DIR (load with torch_pruning_ext.load_pruned)")
     add("--list-groups", "--list_groups", action="store_true", help="print the model's groups and exit")
     return parser
+
+
+def group_index(value: str):
+    """A group index, or "all" for the whole network."""
+    if value == "all":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"group index must be an integer or 'all', got {value!r}") from None
 
 
 def pick_device(args) -> torch.device:
@@ -101,7 +113,7 @@ def run(args) -> int:
             print(group.describe())
         return 0
     count = IntraFusionPruner(loaded.model, example, fold_bn=None).num_groups
-    bad = [g for g in args.group_idxs if not 0 <= g < count]
+    bad = [g for g in args.group_idxs if g != "all" and not 0 <= g < count]
     if bad:
         raise ValueError(f"group index {bad[0]} is not in {args.model_name}: valid indices are 0..{count - 1}")
 

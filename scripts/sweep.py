@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--groups", nargs="+", default=["all-single"],
         help="group indices, 'all-single' (every group alone, default) and/or 'whole' (all groups together)")
     add("--sparsities", nargs="+", type=sparsity, default=[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7])
-    add("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    add("--methods", nargs="+", choices=list(METHODS), default=["default", "intra_fusion", "intra_fusion_fp"])
     add("--shard", type=parse_shard, default=(1, 1), help="run cells i, i+N, i+2N, ... (1-based i/N)")
     add("--taylor-batches", type=int, default=TAYLOR_BATCHES)
     add("--thinet-samples", type=int, default=THINET_SAMPLES)

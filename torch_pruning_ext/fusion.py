@@ -122,12 +122,12 @@ def _rows(member: Member, tensor: torch.Tensor) -> torch.Tensor:
     return picked.reshape(member.positions.shape[0], member.positions.shape[1], -1)
 
 
-def channel_features(members: list[Member]) -> torch.Tensor:
-    """Feature vector per channel: producer weight rows and consumer weight columns, concatenated.
-
-    Biases and BN members are not included (SPEC 5.1).
+def channel_features(members: list[Member], roles=("producer", "consumer")) -> torch.Tensor:
+    """Feature vector per channel: producer weight rows and consumer weight columns, concatenated
+    (only the members whose role is in `roles`). Biases and BN members are not included, as in the
+    released code.
     """
-    parts = [_rows(m, m.module.weight.detach()).flatten(1) for m in members if m.role != "slice"]
+    parts = [_rows(m, m.module.weight.detach()).flatten(1) for m in members if m.role in roles]
     if not parts:
         raise UnsupportedGroup("the group has no Conv/Linear weights to describe its channels")
     return torch.cat(parts, dim=1)

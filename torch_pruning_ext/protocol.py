@@ -17,16 +17,17 @@ from .data import dataset_info, normalize
 from .evaluation import EVAL_BATCH_SIZE, accuracy
 from .footprint import dense_bytes, peak_activation_bytes
 from .groups import ROOT_TYPES, output_layers
+from .methods import METHODS, check_method, method_plan
 from .importance import DATA_CRITERIA, THINET_SAMPLES, build_importance
 from .optimal_transport import OptimalTransport
 from .pruner import IntraFusionPruner
-from .repair import DATA_MODES, check_mode as check_repair, layer_statistics, repair_with_data, repair_without_data
+from .repair import (DATA_MODES, check_mode as check_repair, fused_row_maps, layer_statistics,
+                     repair_by_reconstruction,
+                     repair_with_data, repair_without_data)
 from .serialization import save_pruned
 from .staged import PrefixCache, first_stage, has_stages, run_stages
 from .training import train
 
-# method name -> fusion rule (None: default pruning, no transport)
-METHODS = {"default": None, "intra_fusion": "reference", "intra_fusion_fp": "function_preserving"}
 RESULT_FIELDS = ("model", "dataset", "criterion", "group", "sparsity", "method", "accuracy", "params", "macs",
                  "prune_seconds")
 
@@ -116,11 +117,6 @@ def repair_images(pool, info, count: int, seed: int) -> torch.Tensor:
     return normalize(pool.images[order], info)
 
 
-def check_method(method: str) -> None:
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
-
-
 class Protocol:
     """Runs cells on copies of one trained model; the folded model is built once and cloned.
 
@@ -206,9 +202,8 @@ class Protocol:
                                    ignored_layers=self._ignored(model),
                                    calibration_batches=self.calibration_batches,
                                    score_cache=self.score_cache)
-        rule = METHODS[method]
-        results = pruner.prune(groups, sparsity, self.settings.transport() if rule else None,
-                               fusion_rule=rule or "reference")
+        transport, rule = method_plan(method, self.settings.transport(), self.settings.seed)
+        results = pruner.prune(groups, sparsity, transport, fusion_rule=rule)
         self._repair(model, pruner, results)
         if self.settings.finetune_epochs > 0:
             train(model, self.train_set, dataset_info(self.settings.dataset), self.settings.finetune_epochs,
@@ -217,7 +212,11 @@ class Protocol:
         return model, results, time.perf_counter() - started
 
     def _repair(self, model: nn.Module, pruner: IntraFusionPruner, results) -> None:
-        if self.settings.repair in DATA_MODES:
+        if self.settings.repair == "reconstruct":
+            # each layer aims at what its channels stand for after the method: fused rows where fused
+            repair_by_reconstruction(self.folded, model, pruner.channel_origin, self.repair_inputs,
+                                     row_maps=fused_row_maps(self.folded, results), seed=self.settings.seed)
+        elif self.settings.repair in DATA_MODES:
             layers = sorted({name for r in results for name in r.producers + r.consumers})
             downstream = [name for name, module in model.named_modules() if isinstance(module, ROOT_TYPES)
                           and name not in self.ignored_names] if self.settings.repair == "data_downstream" else []

@@ -124,29 +124,41 @@ class IntraFusionPruner:
 
     def prune(self, group_indices="all", sparsity: float = 0.5, transport: OptimalTransport | None = None,
               fusion_rule: str = "reference", dimensionality_preserving: bool = False,
-              global_pruning: bool = False) -> list[GroupResult]:
+              global_pruning: bool = False, max_group_sparsity: float | None = None,
+              progress=None) -> list[GroupResult]:
         """Prune the selected groups (in the order given) at `sparsity`.
 
         transport=None gives default pruning. global_pruning ranks the channels of all selected
-        groups together (scores computed before any pruning) and removes `sparsity` of them overall.
+        groups together (scores computed before any pruning) and removes `sparsity` of them overall,
+        but never more than `max_group_sparsity` of one group (default: all but one channel).
+        progress(done, total) is called after each group.
         """
         sparsity = check_sparsity(sparsity)
+        if max_group_sparsity is not None:
+            max_group_sparsity = check_sparsity(max_group_sparsity)
+            if not global_pruning:
+                raise ValueError("max_group_sparsity caps the groups of global pruning; pass global_pruning=True")
         indices = self._check_indices(group_indices)
-        if transport is not None and not isinstance(transport, OptimalTransport):
-            raise TypeError(f"transport must be an OptimalTransport or None, got {type(transport).__name__}")
+        if transport is not None and not callable(getattr(transport, "coupling", None)):
+            raise TypeError(f"transport must be an OptimalTransport, a ClusterFolding (anything with "
+                            f".coupling(features, importance, kept)) or None, got {type(transport).__name__}")
         if fusion_rule not in FUSION_RULES:
             raise ValueError(f"unknown fusion rule {fusion_rule!r}; choose one of: {', '.join(FUSION_RULES)}")
-        plan = self._global_plan(indices, sparsity) if global_pruning else {}
+        plan = self._global_plan(indices, sparsity, max_group_sparsity) if global_pruning else {}
         results = []
-        for index in indices:
+        for done, index in enumerate(indices, 1):
             results.append(self._prune_group(index, sparsity, transport, fusion_rule,
                                              dimensionality_preserving, plan.get(index)))
+            if progress is not None:
+                progress(done, len(indices))
         return results
 
-    def _global_plan(self, indices, sparsity) -> dict[int, list[int]]:
+    def _global_plan(self, indices, sparsity, cap=None) -> dict[int, list[int]]:
         scores = {index: self._scores(index) for index in indices}
         flat = torch.cat([scores[i] for i in indices])
         budget = int(len(flat) * sparsity)
+        if cap is not None:
+            return _capped_plan(scores, budget, cap)
         threshold = flat.sort().values[budget - 1] if budget > 0 else -math.inf
         plan = {}
         for index in indices:
@@ -180,7 +192,8 @@ class IntraFusionPruner:
                               f"of {reason}; it is pruned without fusion", stacklevel=3)
             else:
                 started = time.perf_counter()
-                coupling = transport.coupling(channel_features(members), scores, kept)
+                roles = getattr(transport, "feature_roles", ("producer", "consumer"))
+                coupling = transport.coupling(channel_features(members, roles), scores, kept)
                 producer_map, consumer_map = transport_maps(coupling, rule)
                 seconds["transport"] = time.perf_counter() - started
                 started = time.perf_counter()
@@ -207,6 +220,22 @@ class IntraFusionPruner:
             current = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
             origin = self.channel_origin.get(name, torch.arange(current))
             self.channel_origin[name] = origin[positions[kept].flatten()]
+
+
+def _capped_plan(scores: dict[int, torch.Tensor], budget: int, cap: float) -> dict[int, list[int]]:
+    """The `budget` lowest-scored channels over all groups, skipping a group's channels once it has
+    lost `cap` of them (so the budget is met by the next lowest elsewhere, where there are any)."""
+    room = {index: len(s) - kept_count(len(s), cap) for index, s in scores.items()}
+    candidates = sorted((float(score), index, position) for index, s in scores.items()
+                        for position, score in enumerate(s.tolist()))
+    plan: dict[int, list[int]] = {index: [] for index in scores}
+    for _, index, position in candidates:
+        if budget <= 0:
+            break
+        if len(plan[index]) < room[index]:
+            plan[index].append(position)
+            budget -= 1
+    return plan
 
 
 def check_finite_group(group, names) -> None:

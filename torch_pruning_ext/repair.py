@@ -12,14 +12,21 @@ still a plain network.
   their channels are the originals, but their inputs have shifted, so they drift too.
 - "datafree": the pruned producers' statistics predicted from the original BatchNorm statistics and
   the transport map, with no data (consumers are left alone: their input distribution is unknown).
+- "reconstruct": every Conv/Linear layer refitted by least squares so that, from the pruned model's
+  inputs, it reproduces the original layer's outputs of the channels it keeps (repair_by_reconstruction).
 """
 from __future__ import annotations
+
+import queue
+import threading
 
 import torch
 import torch.nn as nn
 
-REPAIR_MODES = ("none", "data", "data_downstream", "datafree")
-DATA_MODES = ("data", "data_downstream")  # the modes that need unlabelled images
+from .modes import as_fast_input, eval_mode, fast_layout
+
+REPAIR_MODES = ("none", "data", "data_downstream", "datafree", "reconstruct")
+DATA_MODES = ("data", "data_downstream", "reconstruct")  # the modes that need unlabelled images
 _EPS = 1e-8
 
 
@@ -192,3 +199,382 @@ def _origin_before(result, origin_after: torch.Tensor, original_count: int) -> t
     if result.channels == original_count:
         return torch.arange(original_count)
     raise ValueError("data-free repair needs each layer pruned at most once")
+
+
+# ---------------------------------------------------------------------------------------------------
+# "reconstruct": data-driven fusion by least squares
+# ---------------------------------------------------------------------------------------------------
+RECONSTRUCT_RIDGE = 1e-3  # ridge lambda, relative to the mean diagonal of the pruned input's Gram matrix
+RECONSTRUCT_SPACES = ("output", "input")
+RECONSTRUCT_POSITIONS = 2 ** 18  # output positions sampled per layer for the output-space fit
+_GRAM_CHUNK_BYTES = 64 * 2 ** 20  # float64 copy of layer inputs per accumulation step
+
+
+class _Stop(Exception):
+    """Ends a forward pass early (every layer refitted, or the other side failed)."""
+
+
+def _as_rows(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+    """(channels, positions) view of a layer input: every spatial position of every image is a sample."""
+    if isinstance(layer, nn.Linear):
+        return x.reshape(-1, x.shape[-1]).t()
+    return x.transpose(0, 1).reshape(x.shape[1], -1)
+
+
+def _chunks(x: torch.Tensor, bytes_per_image: int):
+    step = max(1, _GRAM_CHUNK_BYTES // max(1, bytes_per_image))
+    return x.split(step)
+
+
+def _run_order(model: nn.Module, names: list[str], example: torch.Tensor) -> list[str]:
+    """The named layers in the order of their first call on `example` (layers that never run are left out)."""
+    modules, order = dict(model.named_modules()), []
+    handles = [modules[name].register_forward_pre_hook(lambda *_, n=name: order.append(n) if n not in order else None)
+               for name in names]
+    try:
+        model(example)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return order
+
+
+def _solve(gram: torch.Tensor, cross: torch.Tensor, ridge: float, intercept: bool) -> torch.Tensor:
+    """argmin_M |X - M^T X'|^2 + lambda |M|^2 from the Gram matrices (the intercept row is not penalised)."""
+    size = gram.shape[0] - int(intercept)
+    scale = gram.diagonal()[:size].mean().clamp_min(1e-12) if size else gram.new_tensor(1.0)
+    penalty = torch.full((gram.shape[0],), ridge * float(scale), dtype=gram.dtype)
+    if intercept:
+        penalty[-1] = 1e-12 * float(scale)
+    system = gram + torch.diag(penalty)
+    try:
+        return torch.linalg.solve(system, cross)
+    except RuntimeError:  # singular even with the ridge (e.g. ridge=0 and dead channels)
+        return torch.linalg.lstsq(system, cross).solution
+
+
+def _original_rows(original: nn.Module, selection: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 (weight, bias) of the original layer's output channels the pruned layer stands for:
+    `selection` is an index per kept channel, or a k x n map mixing the original rows (fused rows)."""
+    weight = original.weight.detach().double()
+    bias = original.bias.detach().double() if original.bias is not None else \
+        torch.zeros(weight.shape[0], dtype=torch.float64)
+    if selection.is_floating_point():
+        mix = selection.double()
+        return torch.einsum("kn,n...->k...", mix, weight), mix @ bias
+    return weight[selection], bias[selection]
+
+
+def _refit_full(layer: nn.Module, original: nn.Module, origin: torch.Tensor, pruned_in: torch.Tensor,
+                original_in: torch.Tensor, ridge: float, intercept: bool) -> float:
+    """Refit a (non-grouped) Conv/Linear: new weight = original rows of the kept outputs with the
+    input map M applied, M the ridge least-squares map from the pruned input to the original input."""
+    k, n = pruned_in.shape[1 if not isinstance(layer, nn.Linear) else -1], original_in.shape[
+        1 if not isinstance(layer, nn.Linear) else -1]
+    dim = k + int(intercept)
+    gram = torch.zeros(dim, dim, dtype=torch.float64)
+    cross = torch.zeros(dim, n, dtype=torch.float64)
+    total = explained = 0.0
+    per_image = (k + n) * 8 * (pruned_in[0].numel() // max(1, k))
+    for a, b in zip(_chunks(pruned_in, per_image), _chunks(original_in, per_image)):
+        a, b = _as_rows(a, layer).double(), _as_rows(b, layer).double()
+        if intercept:
+            a = torch.cat([a, torch.ones(1, a.shape[1], dtype=a.dtype)])
+        gram += a @ a.t()
+        cross += a @ b.t()
+        total += float((b ** 2).sum())
+    mix = _solve(gram, cross, ridge, intercept)  # dim x n
+    # fraction of the original input's energy the map reproduces: 1 - |X - M^T X'|^2 / |X|^2
+    residual = total - 2 * float((mix * cross).sum()) + float((mix * (gram @ mix)).sum())
+    explained = 1.0 - residual / total if total > 0 else 1.0
+    weight, bias = _original_rows(original, origin)  # out x n x ...
+    new_weight = torch.einsum("on...,kn->ok...", weight, mix[:k])
+    if intercept:
+        bias = bias + weight.flatten(2).sum(2) @ mix[k] if weight.dim() > 2 else bias + weight @ mix[k]
+    _set_parameters(layer, new_weight, bias)
+    return explained
+
+
+def _conv_geometry(layer: nn.Module):
+    """kernel, stride, padding, dilation of a Conv1d/Conv2d as 2-D tuples (a Conv1d is 1 x L)."""
+    if isinstance(layer, nn.Conv1d):
+        return ((1, layer.kernel_size[0]), (1, layer.stride[0]), (0, layer.padding[0]), (1, layer.dilation[0]))
+    return layer.kernel_size, layer.stride, layer.padding, layer.dilation
+
+
+def _output_size(layer: nn.Module, x: torch.Tensor) -> tuple[int, int]:
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = _conv_geometry(layer)
+    height, width = (1, x.shape[-1]) if x.dim() == 3 else x.shape[-2:]
+    return (height + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (width + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+
+
+def _patches(x: torch.Tensor, layer: nn.Module, keep: float, generator) -> torch.Tensor:
+    """(features, positions): what the layer reads at output positions (every one, or a uniform
+    sample of the fraction `keep`): patches of a Conv1d/Conv2d input in the order of the flattened
+    weight, feature vectors of a Linear input."""
+    if isinstance(layer, nn.Linear):
+        rows = x.reshape(-1, x.shape[-1])
+        if keep < 1:
+            rows = rows[torch.randperm(len(rows), generator=generator)[:max(1, round(keep * len(rows)))]]
+        return rows.t()
+    if x.dim() == 3:
+        x = x.unsqueeze(2)
+    channels_last = x.permute(0, 2, 3, 1)  # gathers below then read whole channel vectors
+    if not channels_last.is_contiguous():
+        channels_last = channels_last.contiguous()
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = _conv_geometry(layer)
+    out_h, out_w = _output_size(layer, x)
+    total = x.shape[0] * out_h * out_w
+    if keep < 1:
+        picked = torch.randperm(total, generator=generator)[:max(1, round(keep * total))]
+    else:
+        picked = torch.arange(total)
+    image, rest = picked // (out_h * out_w), picked % (out_h * out_w)
+    y, z = (rest // out_w) * sh - ph, (rest % out_w) * sw - pw
+    parts = []
+    for i in range(kh):
+        for j in range(kw):
+            row, col = y + i * dh, z + j * dw
+            inside = (row >= 0) & (row < x.shape[2]) & (col >= 0) & (col < x.shape[3])
+            values = channels_last[image, row.clamp(0, x.shape[2] - 1), col.clamp(0, x.shape[3] - 1)]  # positions x C
+            parts.append(values * inside[:, None].to(values.dtype))
+    return torch.stack(parts, dim=2).reshape(len(picked), -1).t()  # (C * kh * kw, positions)
+
+
+def _refit_output(layer: nn.Module, original: nn.Module, origin: torch.Tensor, pruned_in: torch.Tensor,
+                  original_in: torch.Tensor, ridge: float, intercept: bool, generator) -> float:
+    """Refit a (non-grouped) Conv1d/Conv2d/Linear in output space: the weight W' (and bias) minimising
+    |W' U' + b - W U|^2 + lambda |W'|^2, U and U' the patches the layer reads in the original and the
+    pruned model, W the original rows of the kept outputs (bias and `origin` as in _refit_full)."""
+    weight, bias = _original_rows(original, origin)
+    rows = weight.reshape(len(weight), -1)
+    k = pruned_in.shape[-1 if isinstance(layer, nn.Linear) else 1]
+    dim = layer.weight[0].numel() + int(intercept)
+    gram = torch.zeros(dim, dim, dtype=torch.float64)
+    cross = torch.zeros(dim, len(weight), dtype=torch.float64)
+    total = 0.0
+    if isinstance(layer, nn.Linear):
+        positions = pruned_in[0].numel() // k
+    else:
+        height, width = _output_size(layer, pruned_in[:1])
+        positions = height * width
+    # an even sample of the output positions bounds the work on large inputs (same draws on both sides)
+    fraction = min(1.0, RECONSTRUCT_POSITIONS / (positions * len(pruned_in)))
+    per_image = 8 * (dim + rows.shape[1]) * max(1, round(positions * fraction))
+    for a, b in zip(_chunks(pruned_in, per_image), _chunks(original_in, per_image)):
+        state = generator.get_state()
+        a = _patches(a, layer, fraction, generator)
+        generator.set_state(state)
+        b = _patches(b, layer, fraction, generator)
+        # products in the layer's precision over one chunk, sums over chunks in float64; the
+        # intercept is a constant extra input (its rows of the Gram matrices are sums)
+        target = rows.to(b.dtype) @ b
+        size = dim - int(intercept)
+        gram[:size, :size] += (a @ a.t()).double()
+        cross[:size] += (a @ target.t()).double()
+        if intercept:
+            sums = a.double().sum(1)
+            gram[:size, size] += sums
+            gram[size, :size] += sums
+            gram[size, size] += a.shape[1]
+            cross[size] += target.double().sum(1)
+        total += float((target.double() ** 2).sum())
+    solution = _solve(gram, cross, ridge, intercept)  # dim x out
+    residual = total - 2 * float((solution * cross).sum()) + float((solution * (gram @ solution)).sum())
+    explained = 1.0 - residual / total if total > 0 else 1.0
+    if intercept:
+        bias = bias + solution[-1]
+    new_weight = solution[:dim - int(intercept)].t().reshape((len(weight), k) + tuple(layer.weight.shape[2:]))
+    _set_parameters(layer, new_weight, bias)
+    return explained
+
+
+def _refit_depthwise(layer: nn.Conv2d, original: nn.Module, origin: torch.Tensor, pruned_in: torch.Tensor,
+                     original_in: torch.Tensor, ridge: float, intercept: bool) -> float:
+    """Depthwise conv: each channel reads only itself, so each gets its own scale (and shift)."""
+    stats = torch.zeros(5, pruned_in.shape[1], dtype=torch.float64)  # sum a^2, sum a, sum a*b, sum b, sum b^2
+    count = 0
+    for a, b in zip(pruned_in.split(64), original_in.split(64)):
+        a, b = _as_rows(a, layer).double(), _as_rows(b, layer).double()[origin]
+        stats += torch.stack([(a * a).sum(1), a.sum(1), (a * b).sum(1), b.sum(1), (b * b).sum(1)])
+        count += a.shape[1]
+    saa, sa, sab, sb, sbb = stats
+    lam = ridge * saa.mean().clamp_min(1e-12)
+    if intercept:  # solve [[saa, sa], [sa, count]] [s, c] = [sab, sb] per channel
+        det = (saa + lam) * count - sa ** 2
+        scale = torch.where(det > 0, (sab * count - sa * sb) / det.clamp_min(1e-300), torch.ones_like(saa))
+        shift = (sb - scale * sa) / count
+    else:
+        scale, shift = sab / (saa + lam), torch.zeros_like(saa)
+    residual = sbb - 2 * (scale * sab + shift * sb) + scale ** 2 * saa + 2 * scale * shift * sa + shift ** 2 * count
+    explained = 1.0 - float(residual.sum() / sbb.sum()) if float(sbb.sum()) > 0 else 1.0
+    weight, bias = _original_rows(original, origin)
+    bias = bias + weight.flatten(1).sum(1) * shift
+    _set_parameters(layer, weight * scale.view((-1,) + (1,) * (weight.dim() - 1)), bias)
+    return explained
+
+
+@torch.no_grad()
+def _set_parameters(layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor) -> None:
+    layer.weight.copy_(weight.to(layer.weight.dtype))
+    if layer.bias is None:
+        layer.bias = nn.Parameter(bias.to(layer.weight.dtype))
+    else:
+        layer.bias.copy_(bias.to(layer.bias.dtype))
+
+
+def _is_depthwise(layer: nn.Module) -> bool:
+    return isinstance(layer, nn.modules.conv._ConvNd) and layer.groups > 1 and \
+        layer.groups == layer.in_channels == layer.out_channels
+
+
+def fused_row_maps(original: nn.Module, results) -> dict[str, torch.Tensor]:
+    """For each producer of a fused group: the k x n map that made its kept rows from its original
+    rows (given to repair_by_reconstruction, the refit then aims at the fused channels instead of the
+    original channels that were kept). Layers pruned more than once are left out."""
+    modules, maps = dict(original.named_modules()), {}
+    for result in results:
+        if result.producer_map is None:
+            continue
+        for name in result.producers:
+            if name in modules and _out_channels(modules[name]) == result.channels:
+                maps[name] = result.producer_map
+    return maps
+
+
+def _refit(layer, original, rows, origin, pruned_in, original_in, ridge, intercept, space, generator) -> dict:
+    """Refit one layer (see repair_by_reconstruction); returns how, and the fraction explained."""
+    if isinstance(layer, nn.modules.conv._ConvNd) and layer.groups > 1:
+        if not _is_depthwise(layer):
+            return {"mode": "skipped (grouped convolution)"}
+        return {"mode": "per_channel",
+                "explained": _refit_depthwise(layer, original, origin, pruned_in, original_in, ridge, intercept)}
+    if space == "output" and isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Linear)):
+        return {"mode": "output",
+                "explained": _refit_output(layer, original, rows, pruned_in, original_in, ridge, intercept, generator)}
+    return {"mode": "input", "explained": _refit_full(layer, original, rows, pruned_in, original_in, ridge, intercept)}
+
+
+class _OriginalSide:
+    """Runs the original model in a thread and hands over each named layer's input, one at a time:
+    the thread waits until the pruned side has used an input, so nothing is copied or held twice."""
+
+    def __init__(self, model: nn.Module, names: list[str], inputs: torch.Tensor):
+        self.handoff, self.resume = queue.Queue(maxsize=1), queue.Queue()
+        self.stopped, self.error = False, None
+        modules = dict(model.named_modules())
+        self.handles = [modules[name].register_forward_pre_hook(self._offer(name), with_kwargs=True)
+                        for name in names]
+        self.thread = threading.Thread(target=self._run, args=(model, inputs), daemon=True)
+        self.offered: set[str] = set()
+
+    def _offer(self, name):
+        def offer(_, args, kwargs):
+            if name in self.offered:
+                return None
+            self.offered.add(name)
+            self.handoff.put((name, args[0] if args else next(iter(kwargs.values()))))
+            self.resume.get()
+            if self.stopped:
+                raise _Stop
+            return None
+        return offer
+
+    def _run(self, model, inputs):
+        try:
+            with torch.no_grad():
+                model(inputs)
+        except _Stop:
+            pass
+        except BaseException as error:  # noqa: BLE001 - handed to the caller's thread
+            self.error = error
+        finally:
+            self.handoff.put((None, None))
+
+    def take(self, name: str) -> torch.Tensor:
+        got, tensor = self.handoff.get()
+        if got is None:
+            raise RuntimeError(f"the original model stopped before layer {name}"
+                               + (f": {self.error}" if self.error else ""))
+        if got != name:
+            raise RuntimeError(f"layer order differs between the models: original ran {got}, pruned ran {name}")
+        return tensor
+
+    def release(self) -> None:
+        self.resume.put(True)
+
+    def close(self) -> None:
+        self.stopped = True
+        while self.thread.is_alive():
+            self.resume.put(True)
+            try:
+                self.handoff.get(timeout=0.05)
+            except queue.Empty:
+                pass
+            self.thread.join(timeout=0.05)
+        for handle in self.handles:
+            handle.remove()
+
+
+@torch.no_grad()
+def repair_by_reconstruction(original: nn.Module, pruned: nn.Module, channel_origin: dict[str, torch.Tensor],
+                             inputs: torch.Tensor, ridge: float = RECONSTRUCT_RIDGE, intercept: bool = True,
+                             space: str = "output", skip=(), seed: int = 0,
+                             row_maps: dict[str, torch.Tensor] | None = None) -> dict[str, dict]:
+    """Refit every Conv/Linear layer of `pruned` (in place) so that, from the pruned model's own inputs,
+    it reproduces what the same layer of `original` outputs for the channels it keeps.
+
+    For a layer whose input went from n to k channels, the k x n map M minimising
+    |X - M^T X'|^2 + lambda |M|^2 (X, X': the original and pruned model's inputs of that layer at
+    every position of every image; an intercept row when `intercept`) is applied to the input side of
+    the layer's original weight rows (the rows of the channels `channel_origin` says it keeps): the
+    data-driven counterpart of a transport map. One forward pass: the original model runs beside the
+    pruned one and hands over each layer's input; each layer is refitted before it runs, so its
+    corrected output feeds the next. Only Gram matrices are kept (float64, accumulated in chunks).
+    Depthwise convolutions get a scale (and shift) per channel; other grouped convolutions and the
+    layers named in `skip` are left as they are. Returns, per layer, how it was refitted and the
+    fraction of its original input's energy the map reproduces ("explained").
+    """
+    if space not in RECONSTRUCT_SPACES:
+        raise ValueError(f"unknown reconstruction space {space!r}; choose one of: {', '.join(RECONSTRUCT_SPACES)}")
+    generator = torch.Generator().manual_seed(seed)
+    layers = {name: module for name, module in pruned.named_modules()
+              if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear))}
+    reference = dict(original.named_modules())
+    names = [name for name in layers if name not in skip and name in reference]
+    inputs = as_fast_input(inputs, inputs.device)  # channels_last: oneDNN's fastest CPU convolutions
+    with eval_mode(original), eval_mode(pruned), fast_layout(original), fast_layout(pruned):
+        order = _run_order(original, names, inputs[:1])
+        report: dict[str, dict] = {}
+        side = _OriginalSide(original, order, inputs)
+        pending = set(order)
+
+        def refit(name):
+            def hook(layer, args, kwargs):
+                if name not in pending:
+                    return None
+                pending.discard(name)
+                original_in = side.take(name)
+                try:
+                    pruned_in = args[0] if args else next(iter(kwargs.values()))
+                    origin = channel_origin.get(name, torch.arange(_out_channels(layer)))
+                    report[name] = _refit(layer, reference[name], (row_maps or {}).get(name, origin), origin,
+                                          pruned_in, original_in, ridge, intercept, space, generator)
+                finally:
+                    side.release()
+                if not pending:
+                    raise _Stop
+                return None
+            return hook
+
+        handles = [layers[name].register_forward_pre_hook(refit(name), with_kwargs=True) for name in order]
+        side.thread.start()
+        try:
+            pruned(inputs)
+        except _Stop:
+            pass
+        finally:
+            for handle in handles:
+                handle.remove()
+            side.close()
+    return report
