@@ -240,7 +240,8 @@ def _run_order(model: nn.Module, names: list[str], example: torch.Tensor) -> lis
 
 
 def _solve(gram: torch.Tensor, cross: torch.Tensor, ridge: float, intercept: bool) -> torch.Tensor:
-    """argmin_M |X - M^T X'|^2 + lambda |M|^2 from the Gram matrices (the intercept row is not penalised)."""
+    """argmin_S |target - S^T A|^2 + lambda |S|^2 from the Gram matrices G = A A^T and
+    cross = A target^T (the intercept row is not penalised)."""
     size = gram.shape[0] - int(intercept)
     scale = gram.diagonal()[:size].mean().clamp_min(1e-12) if size else gram.new_tensor(1.0)
     penalty = torch.full((gram.shape[0],), ridge * float(scale), dtype=gram.dtype)
@@ -344,17 +345,21 @@ def _patches(x: torch.Tensor, layer: nn.Module, keep: float, generator) -> torch
 def _refit_output(layer: nn.Module, original: nn.Module, origin: torch.Tensor, pruned_in: torch.Tensor,
                   original_in: torch.Tensor, ridge: float, intercept: bool, generator) -> float:
     """Refit a (non-grouped) Conv1d/Conv2d/Linear in output space: the weight W' (and bias) minimising
-    |W' U' + b - W U|^2 + lambda |W'|^2, U and U' the patches the layer reads in the original and the
-    pruned model, W the original rows of the kept outputs (bias and `origin` as in _refit_full)."""
+    |W' U' + b - W U|^2 + lambda |W' - W0|^2, U and U' the patches the layer reads in the original and
+    the pruned model, W the original rows of the kept outputs (`origin`, as in _refit_full), W0 the
+    layer's weight as pruning and fusion left it. The ridge pulls towards W0, not towards zero, and
+    the fit is solved for the change W' - W0 from residuals, so a layer whose inputs did not change
+    keeps its weights exactly."""
     weight, bias = _original_rows(original, origin)
     rows = weight.reshape(len(weight), -1)
-    k = pruned_in.shape[-1 if isinstance(layer, nn.Linear) else 1]
-    dim = layer.weight[0].numel() + int(intercept)
+    current = layer.weight.detach().reshape(len(weight), -1)
+    size = current.shape[1]
+    dim = size + int(intercept)
     gram = torch.zeros(dim, dim, dtype=torch.float64)
     cross = torch.zeros(dim, len(weight), dtype=torch.float64)
-    total = 0.0
+    total = before = 0.0
     if isinstance(layer, nn.Linear):
-        positions = pruned_in[0].numel() // k
+        positions = pruned_in[0].numel() // size
     else:
         height, width = _output_size(layer, pruned_in[:1])
         positions = height * width
@@ -369,23 +374,24 @@ def _refit_output(layer: nn.Module, original: nn.Module, origin: torch.Tensor, p
         # products in the layer's precision over one chunk, sums over chunks in float64; the
         # intercept is a constant extra input (its rows of the Gram matrices are sums)
         target = rows.to(b.dtype) @ b
-        size = dim - int(intercept)
+        residual = target - current @ a
         gram[:size, :size] += (a @ a.t()).double()
-        cross[:size] += (a @ target.t()).double()
+        cross[:size] += (a @ residual.t()).double()
         if intercept:
             sums = a.double().sum(1)
             gram[:size, size] += sums
             gram[size, :size] += sums
             gram[size, size] += a.shape[1]
-            cross[size] += target.double().sum(1)
+            cross[size] += residual.double().sum(1)
         total += float((target.double() ** 2).sum())
-    solution = _solve(gram, cross, ridge, intercept)  # dim x out
-    residual = total - 2 * float((solution * cross).sum()) + float((solution * (gram @ solution)).sum())
-    explained = 1.0 - residual / total if total > 0 else 1.0
+        before += float((residual.double() ** 2).sum())
+    change = _solve(gram, cross, ridge, intercept)  # dim x out
+    after = before - 2 * float((change * cross).sum()) + float((change * (gram @ change)).sum())
+    explained = 1.0 - after / total if total > 0 else 1.0
     if intercept:
-        bias = bias + solution[-1]
-    new_weight = solution[:dim - int(intercept)].t().reshape((len(weight), k) + tuple(layer.weight.shape[2:]))
-    _set_parameters(layer, new_weight, bias)
+        bias = bias + change[-1]
+    new_weight = current.double() + change[:size].t()
+    _set_parameters(layer, new_weight.reshape(layer.weight.shape), bias)
     return explained
 
 
@@ -400,12 +406,13 @@ def _refit_depthwise(layer: nn.Conv2d, original: nn.Module, origin: torch.Tensor
         count += a.shape[1]
     saa, sa, sab, sb, sbb = stats
     lam = ridge * saa.mean().clamp_min(1e-12)
-    if intercept:  # solve [[saa, sa], [sa, count]] [s, c] = [sab, sb] per channel
+    # ridge towards scale 1 (the original rows), as in _solve
+    if intercept:  # solve [[saa + lam, sa], [sa, count]] [s, c] = [sab + lam, sb] per channel
         det = (saa + lam) * count - sa ** 2
-        scale = torch.where(det > 0, (sab * count - sa * sb) / det.clamp_min(1e-300), torch.ones_like(saa))
+        scale = torch.where(det > 0, ((sab + lam) * count - sa * sb) / det.clamp_min(1e-300), torch.ones_like(saa))
         shift = (sb - scale * sa) / count
     else:
-        scale, shift = sab / (saa + lam), torch.zeros_like(saa)
+        scale, shift = (sab + lam) / (saa + lam), torch.zeros_like(saa)
     residual = sbb - 2 * (scale * sab + shift * sb) + scale ** 2 * saa + 2 * scale * shift * sa + shift ** 2 * count
     explained = 1.0 - float(residual.sum() / sbb.sum()) if float(sbb.sum()) > 0 else 1.0
     weight, bias = _original_rows(original, origin)
