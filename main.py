@@ -26,6 +26,7 @@ from torch_pruning_ext.repair import DATA_MODES, REPAIR_MODES
 from torch_pruning_ext.pruner import IntraFusionPruner
 from torch_pruning_ext.results import check_output_path, format_table, write_rows
 from torch_pruning_ext.bn_folding import FOLD_MODES
+from torch_pruning_ext.compress import SCHEDULES
 
 ROOT = Path(__file__).resolve().parent
 
@@ -44,6 +45,11 @@ def build_parser() -> OneLineParser:
     add("--importance_criteria", "--importance-criteria", nargs="+", type=choice(CRITERIA, "criterion"),
         default=["l1"])
     add("--methods", nargs="+", type=choice(list(METHODS), "method"), default=["default", "intra_fusion"])
+    add("--schedule", default="uniform", type=choice(SCHEDULES, "schedule"),
+        help="with --group_idxs all: uniform = every group loses the same fraction (the paper); global = "
+             "channels of all groups ranked together, so groups whose channels all matter lose fewer")
+    add("--max-layer-sparsity", "--max_layer_sparsity", type=sparsity, default=None,
+        help="with --schedule global: no group loses more than this fraction of its channels")
     add("--p", type=float, default=1, help="p of the p-norm transport cost")
     add("--source_prob", "--source-prob", default="uniform", type=choice(PROBABILITIES, "source_prob"))
     add("--target_prob", "--target-prob", default="uniform", type=choice(PROBABILITIES, "target_prob"))
@@ -53,7 +59,8 @@ def build_parser() -> OneLineParser:
         help="reference = the released fold (no eps); exact = output-preserving")
     add("--repair", default="none", type=choice(REPAIR_MODES, "repair mode"),
         help="after pruning, restore channel statistics: data (unlabelled images; data_downstream also "
-             "corrects every later layer) or datafree (BN statistics)")
+             "corrects every later layer) or datafree (BN statistics); reconstruct refits every layer by "
+             "least squares on unlabelled images (the whole-network choice)")
     add("--repair-samples", "--repair_samples", type=int, default=REPAIR_SAMPLES,
         help="unlabelled training images for --repair data/data_downstream/reconstruct")
     add("--finetune-epochs", "--finetune_epochs", type=float, default=0,
@@ -137,7 +144,7 @@ def run(args) -> int:
     for criterion in args.importance_criteria:
         settings = Settings(args.model_name, args.dataset, criterion, args.p, args.source_prob, args.target_prob,
                             args.target, args.solver, args.bn_fold, args.seed, args.repair, args.finetune_epochs,
-                            **sizes[criterion])
+                            **sizes[criterion], schedule=args.schedule, max_layer_sparsity=args.max_layer_sparsity)
         protocol = Protocol(loaded.model, settings, inputs, test.labels, batches, args.batch_size, device,
                             reuse=not args.no_reuse, save_dir=args.save_pruned, repair_inputs=repair_inputs,
                             train_set=train_set, gates=loaded.gates)

@@ -19,6 +19,7 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from torch_pruning_ext.checkpoints import load_model, resolve_checkpoint  # noqa: E402
+from torch_pruning_ext.compress import SCHEDULES  # noqa: E402
 from torch_pruning_ext.cli import run_cli, sparsity  # noqa: E402
 from torch_pruning_ext.evaluation import EVAL_BATCH_SIZE  # noqa: E402
 from torch_pruning_ext.data import (DATASETS, calibration_batches, calibration_set, dataset_info,  # noqa: E402
@@ -67,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--repair", nargs="+", choices=REPAIR_MODES, default=["none"],
         help="repair modes to sweep (each is its own set of rows)")
     add("--repair-samples", type=int, default=REPAIR_SAMPLES)
+    add("--schedule", choices=SCHEDULES, default="uniform", help="how whole-network cells spread the sparsity")
+    add("--max-layer-sparsity", type=sparsity, default=None, help="cap per group for --schedule global")
     add("--finetune-epochs", type=float, default=0, help="fine-tune every pruned model (default 0: data-free)")
     add("--save-pruned", default=None, metavar="DIR", help="save every pruned model to DIR")
     return parser
@@ -138,7 +141,8 @@ def sweep(args) -> int:
             blocks.append((loaded, [Settings(model_name, args.dataset, criterion, bn_fold=args.bn_fold, seed=args.seed,
                                              repair=repair, finetune_epochs=args.finetune_epochs,
                                              **data_sizes(criterion, repair, args.taylor_batches,
-                                                          args.repair_samples, args.thinet_samples))
+                                                          args.repair_samples, args.thinet_samples),
+                                             schedule=args.schedule, max_layer_sparsity=args.max_layer_sparsity)
                                     for repair in args.repair]))
     repair_inputs = None
     if set(args.repair) & set(DATA_MODES):

@@ -20,7 +20,8 @@ from .groups import ROOT_TYPES, output_layers
 from .methods import METHODS, check_method, method_plan
 from .importance import DATA_CRITERIA, THINET_SAMPLES, build_importance
 from .optimal_transport import OptimalTransport
-from .pruner import IntraFusionPruner
+from .pruner import IntraFusionPruner, check_sparsity
+from .compress import SCHEDULES
 from .repair import (DATA_MODES, check_mode as check_repair, fused_row_maps, layer_statistics,
                      repair_by_reconstruction,
                      repair_with_data, repair_without_data)
@@ -52,11 +53,23 @@ class Settings:
     taylor_batches: int | None = None
     repair_samples: int | None = None
     thinet_samples: int | None = None
+    # how sparsity is spread over the groups of a multi-group cell: None = uniform (every group loses
+    # `sparsity` of its channels, the paper), "global" = ranked together, capped per group
+    schedule: str | None = None
+    max_layer_sparsity: float | None = None
 
     def __post_init__(self):
         # numbers are stored as floats so that "--p 1" and the default name the same settings
         object.__setattr__(self, "p", float(self.p))
         object.__setattr__(self, "finetune_epochs", float(self.finetune_epochs))
+        if self.schedule == "uniform":  # the default, named as rows written before schedules existed
+            object.__setattr__(self, "schedule", None)
+        if self.schedule not in (None, "global"):
+            raise ValueError(f"unknown schedule {self.schedule!r}; choose one of: {', '.join(SCHEDULES)}")
+        if self.max_layer_sparsity is not None:
+            if self.schedule != "global":
+                raise ValueError("--max-layer-sparsity caps the global schedule; add --schedule global")
+            object.__setattr__(self, "max_layer_sparsity", check_sparsity(self.max_layer_sparsity))
 
     def transport(self) -> OptimalTransport:
         return OptimalTransport(p=self.p, source_prob=self.source_prob, target_prob=self.target_prob,
@@ -203,7 +216,9 @@ class Protocol:
                                    calibration_batches=self.calibration_batches,
                                    score_cache=self.score_cache)
         transport, rule = method_plan(method, self.settings.transport(), self.settings.seed)
-        results = pruner.prune(groups, sparsity, transport, fusion_rule=rule)
+        results = pruner.prune(groups, sparsity, transport, fusion_rule=rule,
+                               global_pruning=self.settings.schedule == "global",
+                               max_group_sparsity=self.settings.max_layer_sparsity)
         self._repair(model, pruner, results)
         if self.settings.finetune_epochs > 0:
             train(model, self.train_set, dataset_info(self.settings.dataset), self.settings.finetune_epochs,
