@@ -109,6 +109,8 @@ def run(args) -> int:
         raise ValueError(f"--batch-size must be a positive integer, got {args.batch_size}")
     sizes = {criterion: data_sizes(criterion, args.repair, args.taylor_batches, args.repair_samples,
                                    args.thinet_samples) for criterion in args.importance_criteria}
+    if args.max_layer_sparsity is not None and args.schedule != "global":
+        raise ValueError("--max-layer-sparsity caps the global schedule; add --schedule global")
     output = check_output_path(args.output) if args.output else None
     info = dataset_info(args.dataset)
     path = resolve_checkpoint(args.model_name, args.dataset, args.checkpoint, ROOT)

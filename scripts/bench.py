@@ -7,8 +7,11 @@ import argparse
 import contextlib
 import copy
 import io
+import json
 import os
 import platform
+import resource
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -20,10 +23,12 @@ sys.path.insert(0, str(ROOT))
 import main  # noqa: E402
 from torch_pruning_ext.bn_folding import fold_batchnorms  # noqa: E402
 from torch_pruning_ext.checkpoints import load_model, resolve_checkpoint  # noqa: E402
-from torch_pruning_ext.data import dataset_info, load_split, normalize  # noqa: E402
+from torch_pruning_ext.data import calibration_set, dataset_info, load_split, normalize  # noqa: E402
 from torch_pruning_ext.evaluation import accuracy  # noqa: E402
 from torch_pruning_ext.optimal_transport import OptimalTransport  # noqa: E402
+from torch_pruning_ext.protocol import repair_images  # noqa: E402
 from torch_pruning_ext.pruner import IntraFusionPruner  # noqa: E402
+from torch_pruning_ext.repair import repair_by_reconstruction  # noqa: E402
 
 
 def timed_main(argv) -> float:
@@ -72,11 +77,35 @@ def solve_times(sizes, solver: str, p: float) -> list[tuple[int, float, float]]:
     return out
 
 
+def reconstruct_pass(model_name: str, space: str, samples: int, sparsity: float) -> dict:
+    """Seconds and extra peak memory (max RSS growth) of one reconstruct pass over the whole network,
+    measured in this process after everything else is loaded: run it in a fresh process."""
+    info = dataset_info("fashion-mnist")
+    model = load_model(resolve_checkpoint(model_name, "fashion-mnist", None, ROOT), model_name, "fashion-mnist",
+                       info.num_classes).model
+    images = repair_images(calibration_set("fashion-mnist"), info, samples, 0)
+    fold_batchnorms(model, images[:1], "reference")
+    pruned = copy.deepcopy(model)
+    pruner = IntraFusionPruner(pruned, images[:1], fold_bn=None)
+    pruner.prune("all", sparsity)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    started = time.perf_counter()
+    repair_by_reconstruction(model, pruned, pruner.channel_origin, images, space=space)
+    seconds = time.perf_counter() - started
+    extra_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    return {"seconds": seconds, "extra_peak_mib": extra_kib / 1024, "input_mib": images.numel() * 4 / 2 ** 20}
+
+
 def main_bench(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", default=None)
     parser.add_argument("--skip-job", action="store_true", help="skip the (slow) whole-job comparison")
+    parser.add_argument("--reconstruct-pass", nargs=2, metavar=("MODEL", "SPACE"), default=None,
+                        help=argparse.SUPPRESS)  # internal: one timed pass, printed as JSON
     args = parser.parse_args(argv)
+    if args.reconstruct_pass:
+        print(json.dumps(reconstruct_pass(*args.reconstruct_pass, samples=1024, sparsity=0.5)))
+        return 0
     torch.manual_seed(0)
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
@@ -91,6 +120,15 @@ def main_bench(argv=None) -> int:
         sizes = [64, 256, 512, 1024, 2048, 4096]
         for n, total, solve in solve_times(sizes, solver, p):
             print(f"  {solver:<9}p={p} n={n:<5}{1000 * total:10.1f} {1000 * solve:10.1f}")
+
+    print("\n== reconstruct repair: whole network s=0.5 (default pruning), 1024 unlabelled images, one pass")
+    for model_name in ("vgg11_bn", "resnet18"):
+        for space in ("output", "input"):
+            child = subprocess.run([sys.executable, __file__, "--reconstruct-pass", model_name, space],
+                                   capture_output=True, text=True, check=True)
+            numbers = json.loads(child.stdout.strip().splitlines()[-1])
+            print(f"  {model_name:<9} space={space:<7}{numbers['seconds']:8.1f} s   extra peak memory "
+                  f"{numbers['extra_peak_mib']:7.0f} MiB (the images: {numbers['input_mib']:.0f} MiB)")
 
     if not args.skip_job:
         extra = ["--checkpoint", args.checkpoint] if args.checkpoint else []
