@@ -196,6 +196,7 @@ def main(argv=None) -> int:
     parser.add_argument("--latency", default=None, help="CSV of latency measurements (read, or written by --measure)")
     parser.add_argument("--measure", default=None, metavar="PRUNED_DIR",
                         help="time one saved model per architecture from this --save-pruned folder into --latency")
+    parser.add_argument("--sparsities", nargs="+", type=float, default=[0.3, 0.5, 0.7], help="only these sparsities")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--intro", default=None, help="Markdown file whose text follows the title (findings)")
     parser.add_argument("--command", action="append", default=[], help="command line to quote in the report")
@@ -208,6 +209,7 @@ def main(argv=None) -> int:
         print("whole_report.py: error: --measure needs --latency FILE to write to", file=sys.stderr)
         return 2
     data = load(args.results)
+    data = data[(data["method"] == "base") | data["sparsity"].round(6).isin([round(v, 6) for v in args.sparsities])]
     if args.measure:
         rows = measure_latency(data, Path(args.measure), (1, 128), args.repeats)
         buffer = io.StringIO()

@@ -266,3 +266,31 @@ def test_dimensionality_preserving_on_an_unfusable_group_zeroes_its_linear_layer
         result = pruner.prune([0], 0.5, OptimalTransport(), dimensionality_preserving=True)[0]
     assert model.fc1.out_features == 16
     assert torch.all(model.fc1.weight[result.pruned] == 0) and torch.all(model.fc2.weight[:, result.pruned] == 0)
+
+
+class _LayerScale(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.layer_scale = nn.Parameter(torch.rand(8))
+        self.conv2 = nn.Conv2d(8, 4, 3)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(self.conv2(self.conv1(x) * self.layer_scale.view(1, -1, 1, 1)).mean((2, 3)))
+
+
+def test_a_bare_parameter_is_named_in_the_fallback_message_not_printed():
+    model = _LayerScale().eval()
+    pruner = IntraFusionPruner(model, torch.randn(1, 3, 8, 8), fold_bn=None)
+    with pytest.warns(UserWarning, match="because of layer_scale: a bare nn.Parameter") as caught:
+        results = pruner.prune("all", 0.5, OptimalTransport(), fusion_rule="function_preserving")
+    assert all(len(str(w.message)) < 200 for w in caught)
+    assert [r.fallback_reason for r in results if r.fallback_reason] == ["layer_scale: a bare nn.Parameter"]
+
+
+def test_the_reference_rule_on_several_groups_warns():
+    model = _LayerScale().eval()
+    pruner = IntraFusionPruner(model, torch.randn(1, 3, 8, 8), fold_bn=None)
+    with pytest.warns(UserWarning, match="use fusion_rule='function_preserving' for several groups"):
+        pruner.prune("all", 0.5, OptimalTransport(), fusion_rule="reference")

@@ -19,7 +19,7 @@ from .groups import output_layers
 from .methods import check_method, method_plan
 from .modes import eval_mode
 from .pruner import IntraFusionPruner, check_sparsity
-from .repair import (REPAIR_MODES, fused_row_maps, layer_statistics, repair_by_reconstruction, repair_with_data,
+from .repair import (REPAIR_MODES, fused_row_maps, repair_by_reconstruction, repair_variance, repair_with_data,
                      repair_without_data)
 
 CALIBRATION_SAMPLES = 1024  # unlabelled inputs the data repairs use by default
@@ -115,7 +115,7 @@ def compress(model: nn.Module, example_inputs: torch.Tensor, sparsity: float = 0
     with eval_mode(model), torch.no_grad():
         macs_before, params_before = tp.utils.count_ops_and_params(model, example_inputs)
         channels_before = _out_channels(model)
-    unfolded = (copy.deepcopy(model) if inplace else model) if repair == "datafree" else None
+    unfolded = (copy.deepcopy(model) if inplace else model) if repair in ("datafree", "variance") else None
     target = model if inplace else copy.deepcopy(model)
     target.eval()
     pruner = IntraFusionPruner(target, example_inputs, importance=importance, ignored_layers=ignored_layers,
@@ -125,6 +125,7 @@ def compress(model: nn.Module, example_inputs: torch.Tensor, sparsity: float = 0
     results = pruner.prune("all", sparsity, transport, fusion_rule=rule, global_pruning=schedule == "global",
                            max_group_sparsity=max_layer_sparsity, progress=progress)
     report = {}
+    bn_of = {pair.layer: pair.batchnorm for pair in pruner.folded}
     if repair == "reconstruct":
         report = repair_by_reconstruction(folded, target, pruner.channel_origin, images,
                                           row_maps=fused_row_maps(folded, results))
@@ -135,8 +136,9 @@ def compress(model: nn.Module, example_inputs: torch.Tensor, sparsity: float = 0
             if repair == "data_downstream" else []
         repair_with_data(folded, target, changed, pruner.channel_origin, images, downstream=downstream)
     elif repair == "datafree":
-        bn_of = {pair.layer: pair.batchnorm for pair in pruner.folded}
         repair_without_data(unfolded, folded, target, results, pruner.channel_origin, bn_of)
+    elif repair == "variance":
+        repair_variance(unfolded, folded, target, results, bn_of)
     with eval_mode(target), torch.no_grad():
         macs_after, params_after = tp.utils.count_ops_and_params(target, example_inputs)
     after = _out_channels(target)

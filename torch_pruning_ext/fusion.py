@@ -60,7 +60,7 @@ def group_members(group, n: int, names: dict, strict: bool = True) -> list[Membe
     members = []
     for item in group.items:
         module, fn = item.dep.target.module, item.dep.handler
-        name = names.get(module, str(module))
+        name = names.get(module, f"<unnamed {type(module).__name__}>")
         try:
             role, positions = _classify(module, fn, name, item, n)
         except UnsupportedGroup:

@@ -24,7 +24,7 @@ from .pruner import IntraFusionPruner, check_sparsity
 from .compress import SCHEDULES
 from .repair import (DATA_MODES, check_mode as check_repair, fused_row_maps, layer_statistics,
                      repair_by_reconstruction,
-                     repair_with_data, repair_without_data)
+                     repair_variance, repair_with_data, repair_without_data)
 from .serialization import save_pruned
 from .staged import PrefixCache, first_stage, has_stages, run_stages
 from .training import train
@@ -242,6 +242,8 @@ class Protocol:
                              downstream=downstream, reference_stats=self._reference_stats)
         elif self.settings.repair == "datafree":
             repair_without_data(self.model, self.folded, model, results, pruner.channel_origin, self.batchnorm_of)
+        elif self.settings.repair == "variance":
+            repair_variance(self.model, self.folded, model, results, self.batchnorm_of)
 
     def run_cell(self, group, sparsity: float, method: str) -> dict:
         """One row: `group` is an index, a list of indices, or "all" (whole-network pruning)."""

@@ -85,6 +85,8 @@ class IntraFusionPruner:
             ignored_layers = output_layers(self.graph)
         self.roots = numbered_roots(model, self.graph, ignored_layers)
         self.names = {module: name for name, module in model.named_modules()}
+        # bare parameters (e.g. a layer_scale) are group members too: name them, never print them
+        self.names.update({param: name for name, param in model.named_parameters()})
         # layer name -> original index of each current out-channel, for layers that lost channels
         self.channel_origin: dict[str, torch.Tensor] = {}
 
@@ -139,6 +141,11 @@ class IntraFusionPruner:
             if not global_pruning:
                 raise ValueError("max_group_sparsity caps the groups of global pruning; pass global_pruning=True")
         indices = self._check_indices(group_indices)
+        if transport is not None and fusion_rule == "reference" and len(indices) > 1:
+            warnings.warn("fusion_rule='reference' makes each kept channel the sum of the channels merged into "
+                          "it, which compounds over groups pruned in sequence (whole-network ResNet-50 logits "
+                          "grow by about 1e9); use fusion_rule='function_preserving' for several groups",
+                          stacklevel=2)
         if transport is not None and not callable(getattr(transport, "coupling", None)):
             raise TypeError(f"transport must be an OptimalTransport, a ClusterFolding (anything with "
                             f".coupling(features, importance, kept)) or None, got {type(transport).__name__}")

@@ -12,6 +12,10 @@ still a plain network.
   their channels are the originals, but their inputs have shifted, so they drift too.
 - "datafree": the pruned producers' statistics predicted from the original BatchNorm statistics and
   the transport map, with no data (consumers are left alone: their input distribution is unknown).
+- "variance": Model Folding's data-free repair: a merged channel's spread around its BatchNorm
+  shift is scaled back by 1 / sqrt(m^T R m) (m: its producer map row, R: the correlations of the
+  merged channels, estimated by their weight rows' cosine similarity); for an average of n_c
+  channels with mean correlation rho that is Model Folding's sqrt(n_c / (1 + (n_c - 1) rho)).
 - "reconstruct": every Conv/Linear layer refitted by least squares so that, from the pruned model's
   inputs, it reproduces the original layer's outputs of the channels it keeps (repair_by_reconstruction).
 """
@@ -25,7 +29,7 @@ import torch.nn as nn
 
 from .modes import as_fast_input, eval_mode, fast_layout
 
-REPAIR_MODES = ("none", "data", "data_downstream", "datafree", "reconstruct")
+REPAIR_MODES = ("none", "data", "data_downstream", "datafree", "variance", "reconstruct")
 DATA_MODES = ("data", "data_downstream", "reconstruct")  # the modes that need unlabelled images
 _EPS = 1e-8
 
@@ -192,6 +196,29 @@ def repair_without_data(original_unfolded: nn.Module, original_folded: nn.Module
             std_p = torch.einsum("ji,ik,jk->j", mix, cov, mix).clamp_min(0).sqrt()
             scale, shift = _correction(mean_p, std_p, mean[origin], std[origin])
             apply_affine(current[name], scale, shift)
+
+
+def repair_variance(original_unfolded: nn.Module, original_folded: nn.Module, pruned: nn.Module, results,
+                    bn_of: dict[str, str]) -> None:
+    """Model Folding's data-free variance repair of every fused producer that had a BatchNorm: each
+    kept channel becomes f * (y - c) + c, c the mix of the merged channels' BN shifts and
+    f = 1 / sqrt(m^T R m). Exact twins (R = 1) and unfused channels are left as they are."""
+    unfolded, folded = dict(original_unfolded.named_modules()), dict(original_folded.named_modules())
+    current = dict(pruned.named_modules())
+    for result in results:
+        if result.producer_map is None:
+            continue
+        for name in result.producers:
+            if name not in bn_of or _out_channels(folded[name]) != result.channels:
+                continue
+            bn = unfolded[bn_of[name]]
+            shift = bn.bias.detach().double() if bn.affine else torch.zeros(result.channels, dtype=torch.float64)
+            rows = folded[name].weight.detach().double().flatten(1)
+            unit = rows / rows.norm(dim=1, keepdim=True).clamp_min(_EPS)
+            mix = result.producer_map.double()
+            spread = torch.einsum("ji,ik,jk->j", mix, unit @ unit.t(), mix).clamp_min(_EPS)
+            scale = spread.rsqrt()
+            apply_affine(current[name], scale, (1 - scale) * (mix @ shift))
 
 
 def _origin_before(result, origin_after: torch.Tensor, original_count: int) -> torch.Tensor:
