@@ -24,7 +24,8 @@ from torch_pruning_ext.protocol import (METHODS, REPAIR_SAMPLES, TAYLOR_BATCHES,
                                         repair_images)
 from torch_pruning_ext.repair import DATA_MODES, REPAIR_MODES
 from torch_pruning_ext.pruner import IntraFusionPruner
-from torch_pruning_ext.results import check_output_path, format_table, write_rows
+from torch_pruning_ext.files import check_writable_dir
+from torch_pruning_ext.results import check_results_file, format_table, write_rows
 from torch_pruning_ext.bn_folding import FOLD_MODES
 from torch_pruning_ext.compress import SCHEDULES
 
@@ -111,7 +112,9 @@ def run(args) -> int:
                                    args.thinet_samples) for criterion in args.importance_criteria}
     if args.max_layer_sparsity is not None and args.schedule != "global":
         raise ValueError("--max-layer-sparsity caps the global schedule; add --schedule global")
-    output = check_output_path(args.output) if args.output else None
+    output = check_results_file(args.output) if args.output else None
+    if args.save_pruned:
+        check_writable_dir(args.save_pruned, "--save-pruned")
     info = dataset_info(args.dataset)
     path = resolve_checkpoint(args.model_name, args.dataset, args.checkpoint, ROOT)
     loaded = load_model(path, args.model_name, args.dataset, info.num_classes)

@@ -1,16 +1,14 @@
 #!/usr/bin/env python
 """Resumable, shardable sweep of the data-free protocol: models x criteria x groups x sparsities x methods.
 
-Rows go to RUN_DIR/results.csv, rewritten atomically under a lock after every cell, so a killed
+Rows go to RUN_DIR/results.csv, rewritten atomically under the file's lock after every cell, so a killed
 sweep loses at most the cell in progress and a rerun skips every finished cell. --shard i/N runs
 every N-th cell (starting with the i-th), so N processes or machines can share one sweep.
 """
 from __future__ import annotations
 
 import argparse
-import fcntl
 import sys
-from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -22,6 +20,7 @@ from torch_pruning_ext.checkpoints import load_model, resolve_checkpoint  # noqa
 from torch_pruning_ext.compress import SCHEDULES  # noqa: E402
 from torch_pruning_ext.cli import run_cli, sparsity  # noqa: E402
 from torch_pruning_ext.evaluation import EVAL_BATCH_SIZE  # noqa: E402
+from torch_pruning_ext.files import file_lock  # noqa: E402
 from torch_pruning_ext.data import (DATASETS, calibration_batches, calibration_set, dataset_info,  # noqa: E402
                                     load_split, normalize)
 from torch_pruning_ext.importance import CRITERIA, DATA_CRITERIA, THINET_SAMPLES  # noqa: E402
@@ -108,16 +107,6 @@ def _block_of(settings: Settings) -> Settings:
     return replace(settings, repair="none", repair_samples=None)
 
 
-@contextmanager
-def locked(run_dir: Path):
-    with open(run_dir / ".lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def sweep(args) -> int:
     run_dir = Path(args.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -152,7 +141,7 @@ def sweep(args) -> int:
     if args.finetune_epochs > 0:
         train_set = load_split(args.dataset, "train", args.data_dir, download=not args.no_download)
     index, count = args.shard
-    with locked(run_dir):
+    with file_lock(results):
         done = {row_key(row) for row in read_rows(results)}
     planned = []
     for loaded, block in blocks:
@@ -177,8 +166,7 @@ def sweep(args) -> int:
                                            train_set=train_set, gates=loaded.gates, **caches)
         protocol = protocols[settings]
         row = protocol.base_row() if method == "base" else protocol.run_cell(group, level, method)
-        with locked(run_dir):
-            write_rows(results, [row])
+        write_rows(results, [row])  # under the results file's lock
     return 0
 
 

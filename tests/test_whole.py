@@ -225,3 +225,41 @@ def test_main_whole_network_options_fail_in_one_line(tiny_data, checkpoints, cap
     code, _, err = _main(capsys, "--checkpoint", checkpoints[("vgg11_bn", 10)], "--data-dir", tiny_data, *argv)
     assert code == 2
     assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_variance_repair_leaves_twins_alone_and_restores_orthogonal_merges():
+    from torch_pruning_ext.pruner import GroupResult
+    from torch_pruning_ext.repair import repair_variance
+
+    class WithBN(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(4, 4, 1, bias=False)
+            self.bn = nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return self.bn(self.conv(x))
+
+    unfolded = WithBN().eval()
+    with torch.no_grad():
+        unfolded.bn.bias.copy_(torch.tensor([1.0, 3.0, -2.0, -2.0]))
+        unfolded.conv.weight.copy_(torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 0, 0], [0, 0, 1.0, 0], [0, 0, 1.0, 0]])
+                                   .view(4, 4, 1, 1))  # channels 0, 1 orthogonal; 2, 3 twins
+    folded = copy.deepcopy(unfolded)
+    fold_batchnorms(folded, torch.randn(1, 4, 2, 2), "exact")
+    pruned = copy.deepcopy(folded)
+    average = torch.tensor([[0.5, 0.5, 0, 0], [0, 0, 0.5, 0.5]], dtype=torch.float64)
+    with torch.no_grad():  # what fusion with the averaging map and slicing leave
+        merged_w = torch.einsum("kn,nchw->kchw", average.float(), folded.conv.weight)
+        merged_b = average.float() @ folded.conv.bias
+    pruned.conv = nn.Conv2d(4, 2, 1)
+    with torch.no_grad():
+        pruned.conv.weight.copy_(merged_w)
+        pruned.conv.bias.copy_(merged_b)
+    result = GroupResult(0, 4, [1, 3], True, producers=["conv"], producer_map=average)
+    repair_variance(unfolded, folded, pruned, [result], {"conv": "bn"})
+    scale = 2 ** 0.5  # two uncorrelated channels averaged: the spread fell by sqrt(2)
+    centre = 0.5 * (1.0 + 3.0)
+    assert torch.allclose(pruned.conv.weight[0], scale * merged_w[0])
+    assert torch.allclose(pruned.conv.bias[0], scale * merged_b[0] + (1 - scale) * centre)
+    assert torch.allclose(pruned.conv.weight[1], merged_w[1]) and torch.allclose(pruned.conv.bias[1], merged_b[1])

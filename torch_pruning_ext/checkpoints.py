@@ -39,10 +39,15 @@ def zip_members(model_name: str, dataset: str) -> list[str]:
 
 def _extract(archive: Path, member: str, destination: Path) -> Path:
     """Extract one member to `destination` atomically (no partial file if interrupted)."""
-    with zipfile.ZipFile(archive) as bundle, atomic_path(destination) as temporary:
-        with bundle.open(member) as source, open(temporary, "wb") as target:
-            while chunk := source.read(1 << 20):
-                target.write(chunk)
+    try:
+        with zipfile.ZipFile(archive) as bundle, atomic_path(destination) as temporary:
+            with bundle.open(member) as source, open(temporary, "wb") as target:
+                while chunk := source.read(1 << 20):
+                    target.write(chunk)
+    except (zipfile.BadZipFile, EOFError) as error:
+        raise CheckpointError(f"{archive} member {member} is corrupt ({error})") from None
+    except OSError as error:
+        raise CheckpointError(f"cannot extract {member} from {archive}: {error.strerror or error}") from None
     return destination
 
 
@@ -76,6 +81,8 @@ def resolve_checkpoint(model_name: str, dataset: str, explicit: str | None = Non
                 raise CheckpointError(f"{archive_path} has no member {member}")
             return found
         path = Path(explicit)
+        if path.is_dir():
+            raise CheckpointError(f"checkpoint {path} is a directory; pass a checkpoint file or a .zip")
         if not path.is_file():
             raise CheckpointError(f"checkpoint {path} does not exist")
         if path.suffix.lower() == ".zip":
@@ -103,6 +110,18 @@ def read_checkpoint(path: str | Path) -> dict:
         raise CheckpointError(f"checkpoint {path} is corrupt or not a PyTorch file ({type(error).__name__})") from None
     if not isinstance(state, dict) or "model_state_dict" not in state:
         raise CheckpointError(f"checkpoint {path} has no 'model_state_dict' entry")
+    weights = state["model_state_dict"]
+    if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+        raise CheckpointError(f"checkpoint {path}: 'model_state_dict' must map names to tensors, "
+                              f"got {type(weights).__name__}")
+    for name, tensor in weights.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise CheckpointError(f"checkpoint {path}: tensor {name} contains NaN or inf values")
+    if not isinstance(state.get("metadata") or {}, dict):
+        raise CheckpointError(f"checkpoint {path}: 'metadata' must be a dict, got {type(state['metadata']).__name__}")
+    accuracy = state.get("test_accuracy")
+    if accuracy is not None and (isinstance(accuracy, bool) or not isinstance(accuracy, (int, float))):
+        raise CheckpointError(f"checkpoint {path}: 'test_accuracy' must be a number, got {accuracy!r}")
     return state
 
 

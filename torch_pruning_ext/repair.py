@@ -170,11 +170,11 @@ def _folded_channel_stats(bn: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Te
     return beta, gamma.abs() * torch.sqrt(var / (var + bn.eps))
 
 
-def repair_without_data(original_unfolded: nn.Module, original_folded: nn.Module, pruned: nn.Module,
-                        results, channel_origin: dict[str, torch.Tensor], bn_of: dict[str, str]) -> None:
-    """Data-free repair of fused producers: predict each fused channel's mean/std from the original
-    BN statistics and the producer map (correlations estimated by the cosine similarity of the
-    channels' weight rows), and correct it to the statistics of the channel it stands for."""
+def _fused_producers(original_unfolded: nn.Module, original_folded: nn.Module, pruned: nn.Module, results,
+                     bn_of: dict[str, str]):
+    """(result, layer name, its original BN, the correlations of its original channels estimated by
+    the cosine similarity of their folded weight rows, the pruned layer) for every producer of a
+    fused group that had a BatchNorm: what the data-free repairs work from."""
     unfolded, folded = dict(original_unfolded.named_modules()), dict(original_folded.named_modules())
     current = dict(pruned.named_modules())
     for result in results:
@@ -183,19 +183,28 @@ def repair_without_data(original_unfolded: nn.Module, original_folded: nn.Module
         for name in result.producers:
             if name not in bn_of:
                 continue
-            mean, std = _folded_channel_stats(unfolded[bn_of[name]])
             rows = folded[name].weight.detach().double().flatten(1)
             unit = rows / rows.norm(dim=1, keepdim=True).clamp_min(_EPS)
-            correlation = unit @ unit.t()
-            origin = channel_origin.get(name, torch.arange(len(mean)))
-            # the map acts on the channels present before this group was pruned: restrict to them
-            before = _origin_before(result, origin, len(mean))
-            mix = result.producer_map.double()
-            mean_p = mix @ mean[before]
-            cov = correlation[before][:, before] * torch.outer(std[before], std[before])
-            std_p = torch.einsum("ji,ik,jk->j", mix, cov, mix).clamp_min(0).sqrt()
-            scale, shift = _correction(mean_p, std_p, mean[origin], std[origin])
-            apply_affine(current[name], scale, shift)
+            yield result, name, unfolded[bn_of[name]], unit @ unit.t(), current[name]
+
+
+def repair_without_data(original_unfolded: nn.Module, original_folded: nn.Module, pruned: nn.Module,
+                        results, channel_origin: dict[str, torch.Tensor], bn_of: dict[str, str]) -> None:
+    """Data-free repair of fused producers: predict each fused channel's mean/std from the original
+    BN statistics and the producer map (correlations estimated by the cosine similarity of the
+    channels' weight rows), and correct it to the statistics of the channel it stands for."""
+    for result, name, bn, correlation, layer in _fused_producers(original_unfolded, original_folded, pruned,
+                                                                 results, bn_of):
+        mean, std = _folded_channel_stats(bn)
+        origin = channel_origin.get(name, torch.arange(len(mean)))
+        # the map acts on the channels present before this group was pruned: restrict to them
+        before = _origin_before(result, origin, len(mean))
+        mix = result.producer_map.double()
+        mean_p = mix @ mean[before]
+        cov = correlation[before][:, before] * torch.outer(std[before], std[before])
+        std_p = torch.einsum("ji,ik,jk->j", mix, cov, mix).clamp_min(0).sqrt()
+        scale, shift = _correction(mean_p, std_p, mean[origin], std[origin])
+        apply_affine(layer, scale, shift)
 
 
 def repair_variance(original_unfolded: nn.Module, original_folded: nn.Module, pruned: nn.Module, results,
@@ -203,22 +212,14 @@ def repair_variance(original_unfolded: nn.Module, original_folded: nn.Module, pr
     """Model Folding's data-free variance repair of every fused producer that had a BatchNorm: each
     kept channel becomes f * (y - c) + c, c the mix of the merged channels' BN shifts and
     f = 1 / sqrt(m^T R m). Exact twins (R = 1) and unfused channels are left as they are."""
-    unfolded, folded = dict(original_unfolded.named_modules()), dict(original_folded.named_modules())
-    current = dict(pruned.named_modules())
-    for result in results:
-        if result.producer_map is None:
-            continue
-        for name in result.producers:
-            if name not in bn_of or _out_channels(folded[name]) != result.channels:
-                continue
-            bn = unfolded[bn_of[name]]
-            shift = bn.bias.detach().double() if bn.affine else torch.zeros(result.channels, dtype=torch.float64)
-            rows = folded[name].weight.detach().double().flatten(1)
-            unit = rows / rows.norm(dim=1, keepdim=True).clamp_min(_EPS)
-            mix = result.producer_map.double()
-            spread = torch.einsum("ji,ik,jk->j", mix, unit @ unit.t(), mix).clamp_min(_EPS)
-            scale = spread.rsqrt()
-            apply_affine(current[name], scale, (1 - scale) * (mix @ shift))
+    for result, _, bn, correlation, layer in _fused_producers(original_unfolded, original_folded, pruned,
+                                                              results, bn_of):
+        if len(correlation) != result.channels:
+            raise ValueError("the variance repair needs each layer pruned at most once")
+        shift = bn.bias.detach().double() if bn.affine else torch.zeros(result.channels, dtype=torch.float64)
+        mix = result.producer_map.double()
+        scale = torch.einsum("ji,ik,jk->j", mix, correlation, mix).clamp_min(_EPS).rsqrt()
+        apply_affine(layer, scale, (1 - scale) * (mix @ shift))
 
 
 def _origin_before(result, origin_after: torch.Tensor, original_count: int) -> torch.Tensor:

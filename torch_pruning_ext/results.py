@@ -4,10 +4,11 @@ from __future__ import annotations
 import csv
 import io
 import json
+from dataclasses import fields
 from pathlib import Path
 
-from .files import atomic_write_text
-from .protocol import RESULT_FIELDS
+from .files import atomic_write_text, check_writable_file, file_lock
+from .protocol import RESULT_FIELDS, Settings
 
 FORMATS = (".csv", ".json")
 METRICS = ("accuracy", "params", "macs", "prune_seconds", "dense_bytes", "peak_activation_bytes")
@@ -20,6 +21,24 @@ def check_output_path(path: str | Path) -> Path:
     return path
 
 
+def known_fields() -> set[str]:
+    """Every column a results row of this project can have (earlier versions wrote fewer)."""
+    return set(RESULT_FIELDS) | {f.name for f in fields(Settings)} | set(METRICS)
+
+
+def check_results_file(path: str | Path) -> Path:
+    """Before any work: `path` can be written, and if it exists it is a results file of this project
+    (rows are merged into it), never a foreign or corrupt file."""
+    path = check_writable_file(check_output_path(path), "output file")
+    if path.exists():
+        rows = read_rows(path)
+        foreign = sorted({key for row in rows for key in row} - known_fields())
+        if foreign:
+            raise ValueError(f"output file {path} is not a results file of this project (unknown column "
+                             f"{foreign[0]!r}); choose another --output")
+    return path
+
+
 def row_key(row: dict) -> tuple:
     """Identity of a row: every non-empty field except the measured ones, as text (CSV rows are
     text); an empty field names the same row as a missing one, so new optional fields keep old rows."""
@@ -27,12 +46,30 @@ def row_key(row: dict) -> tuple:
 
 
 def read_rows(path: str | Path) -> list[dict]:
+    """The rows of a CSV or JSON results file; a file that is not one raises ValueError naming it."""
     path = check_output_path(path)
     if not path.exists() or path.stat().st_size == 0:
         return []
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"cannot read results file {path}: {error}") from None
+    if "\0" in text:
+        raise ValueError(f"results file {path} is corrupt (NUL bytes)")
     if path.suffix.lower() == ".json":
-        return json.loads(path.read_text())
-    return list(csv.DictReader(io.StringIO(path.read_text())))
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"results file {path} is not valid JSON ({error.msg}, line {error.lineno})") from None
+        if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
+            raise ValueError(f"results file {path} must hold a JSON list of rows")
+        return rows
+    reader = csv.DictReader(io.StringIO(text))
+    rows = list(reader)
+    if not reader.fieldnames or any(not name for name in reader.fieldnames) \
+            or any(None in row or None in row.values() for row in rows):
+        raise ValueError(f"results file {path} is corrupt (a row does not match the header)")
+    return rows
 
 
 def merge_rows(existing: list[dict], new: list[dict], key=row_key) -> list[dict]:
@@ -44,23 +81,27 @@ def merge_rows(existing: list[dict], new: list[dict], key=row_key) -> list[dict]
 
 
 def write_rows(path: str | Path, rows: list[dict], key=row_key, first_fields=RESULT_FIELDS) -> None:
-    """Merge `rows` into the file at `path` and replace it in one atomic rename.
-
-    key(row) names a row (default: all but the measurements); first_fields lead the CSV columns.
+    """Merge `rows` into the file at `path` and replace it in one atomic rename, under the file's
+    lock (concurrent writers keep every row). key(row) names a row (default: all but the
+    measurements); first_fields lead the CSV columns.
     """
     path = check_output_path(path)
-    rows = merge_rows(read_rows(path), rows, key)
+    with file_lock(path):
+        _write_merged(path, merge_rows(read_rows(path), rows, key), first_fields)
+
+
+def _write_merged(path: Path, rows: list[dict], first_fields) -> None:
     if path.suffix.lower() == ".json":
         atomic_write_text(path, json.dumps(rows, indent=1) + "\n")
         return
     present = {k for row in rows for k in row}
     leading = [f for f in first_fields if f in present]
-    fields = leading + sorted(present - set(leading))
+    columns = leading + sorted(present - set(leading))
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=fields)
+    writer = csv.DictWriter(buffer, fieldnames=columns)
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in fields})
+        writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in columns})
     atomic_write_text(path, buffer.getvalue())
 
 

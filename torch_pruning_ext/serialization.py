@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .files import atomic_torch_save
+from .files import atomic_torch_save, check_writable_file
 from .models import MODEL_BUILDERS, build_model
 
 FORMAT = "torch_pruning_ext.pruned_model/1"
@@ -28,6 +28,7 @@ def save_pruned(model: nn.Module, path: str | Path, model_name: str | None = Non
     without them, load_pruned needs a `builder` that returns the unpruned architecture."""
     if model_name is not None and model_name not in MODEL_BUILDERS:
         raise ValueError(f"unknown model {model_name!r}; choose one of: {', '.join(MODEL_BUILDERS)}, or None")
+    check_writable_file(path, "pruned model file")
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     atomic_torch_save({"format": FORMAT, "model_name": model_name, "num_classes": num_classes,
                        "class": f"{type(model).__module__}.{type(model).__qualname__}",
