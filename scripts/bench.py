@@ -96,10 +96,22 @@ def reconstruct_pass(model_name: str, space: str, samples: int, sparsity: float)
     return {"seconds": seconds, "extra_peak_mib": extra_kib / 1024, "input_mib": images.numel() * 4 / 2 ** 20}
 
 
+def print_reconstruct() -> None:
+    print("\n== reconstruct repair: whole network s=0.5 (default pruning), 1024 unlabelled images, one pass")
+    for model_name in ("vgg11_bn", "resnet18"):
+        for space in ("output", "input"):
+            child = subprocess.run([sys.executable, __file__, "--reconstruct-pass", model_name, space],
+                                   capture_output=True, text=True, check=True)
+            numbers = json.loads(child.stdout.strip().splitlines()[-1])
+            print(f"  {model_name:<9} space={space:<7}{numbers['seconds']:8.1f} s   extra peak memory "
+                  f"{numbers['extra_peak_mib']:7.0f} MiB (the images: {numbers['input_mib']:.0f} MiB)", flush=True)
+
+
 def main_bench(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", default=None)
     parser.add_argument("--skip-job", action="store_true", help="skip the (slow) whole-job comparison")
+    parser.add_argument("--only-reconstruct", action="store_true", help="run only the reconstruct benchmark")
     parser.add_argument("--reconstruct-pass", nargs=2, metavar=("MODEL", "SPACE"), default=None,
                         help=argparse.SUPPRESS)  # internal: one timed pass, printed as JSON
     args = parser.parse_args(argv)
@@ -109,6 +121,10 @@ def main_bench(argv=None) -> int:
     torch.manual_seed(0)
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+
+    if args.only_reconstruct:
+        print_reconstruct()
+        return 0
 
     print("\n== one cell: VGG11-BN group 2, sparsity 0.5, intra_fusion (seconds)")
     for name, value in cell_split(args.checkpoint, 2, 0.5).items():
@@ -121,14 +137,7 @@ def main_bench(argv=None) -> int:
         for n, total, solve in solve_times(sizes, solver, p):
             print(f"  {solver:<9}p={p} n={n:<5}{1000 * total:10.1f} {1000 * solve:10.1f}")
 
-    print("\n== reconstruct repair: whole network s=0.5 (default pruning), 1024 unlabelled images, one pass")
-    for model_name in ("vgg11_bn", "resnet18"):
-        for space in ("output", "input"):
-            child = subprocess.run([sys.executable, __file__, "--reconstruct-pass", model_name, space],
-                                   capture_output=True, text=True, check=True)
-            numbers = json.loads(child.stdout.strip().splitlines()[-1])
-            print(f"  {model_name:<9} space={space:<7}{numbers['seconds']:8.1f} s   extra peak memory "
-                  f"{numbers['extra_peak_mib']:7.0f} MiB (the images: {numbers['input_mib']:.0f} MiB)")
+    print_reconstruct()
 
     if not args.skip_job:
         extra = ["--checkpoint", args.checkpoint] if args.checkpoint else []

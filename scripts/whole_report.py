@@ -17,6 +17,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
@@ -30,13 +32,14 @@ from torch_pruning_ext.protocol import Settings, pruned_file_name  # noqa: E402
 from torch_pruning_ext.serialization import load_pruned  # noqa: E402
 
 METHODS = ["default", "intra_fusion", "intra_fusion_fp", "fold"]
-REPAIRS = ["none", "datafree", "data", "data_downstream", "reconstruct"]
+REPAIRS = ["none", "datafree", "variance", "data", "data_downstream", "reconstruct"]
 LABELS = LABELS | {"fold": "Model Folding (k-means)"}
 SHAPE_KEYS = ["model", "sparsity", "schedule", "max_layer_sparsity"]  # what fixes a pruned architecture
 LATENCY_FIELDS = SHAPE_KEYS + ["batch", "median_ms", "p10_ms", "p90_ms"]
 MARKERS = {"default": "o", "intra_fusion": "s", "intra_fusion_fp": "D", "fold": "^", "finetune": "*"}
-COLOURS = {"none": "#7f7f7f", "datafree": "#9467bd", "data": "#1f77b4", "data_downstream": "#17becf",
-           "reconstruct": "#d62728", "finetune": "#2ca02c"}
+COLOURS = {"none": "#7f7f7f", "datafree": "#9467bd", "variance": "#ff7f0e", "data": "#1f77b4",
+           "data_downstream": "#17becf", "reconstruct": "#d62728", "finetune": "#2ca02c"}
+SPREAD = 0.05  # horizontal offset between methods (log scale), so markers at one MACs value stay visible
 
 
 def load(paths) -> pd.DataFrame:
@@ -47,7 +50,7 @@ def load(paths) -> pd.DataFrame:
             data[column] = default
     data["repair"] = data["repair"].fillna("none")
     data["schedule"] = data["schedule"].fillna("uniform")
-    data["max_layer_sparsity"] = data["max_layer_sparsity"].fillna("").astype(str)
+    data["max_layer_sparsity"] = data["max_layer_sparsity"].map(lambda v: "" if pd.isna(v) or v == "" else f"{float(v):g}")
     data["finetune_epochs"] = data["finetune_epochs"].fillna(0.0).astype(float)
     whole = data[(data["group"] == "all") | (data["method"] == "base")]
     whole = whole[whole["criterion"] == "l1"]
@@ -129,7 +132,9 @@ def model_section(name: str, table: pd.DataFrame, latency: dict) -> list[str]:
                          f"{best['macs'] / 1e6:.1f} M MACs ({100 * best['macs'] / base_macs:.0f}%)")
     parts.append("")
     pruned = table[(table["method"] != "base") & (table["finetune_epochs"] == 0)]
-    for (sparsity, schedule, cap), cells in pruned.groupby(["sparsity", "schedule", "max_layer_sparsity"]):
+    blocks = sorted(pruned.groupby(["sparsity", "schedule", "max_layer_sparsity"]),
+                    key=lambda item: (item[0][1] != "uniform", item[0][0]))  # uniform first, as the paper
+    for (sparsity, schedule, cap), cells in blocks:
         row = cells.iloc[0]
         times = latency.get(shape_key(row), {})
         timing = (f", CPU latency {times[1]:.2f} ms (batch 1) / {times[128]:.1f} ms (batch 128)"
@@ -167,10 +172,15 @@ def plot(data: pd.DataFrame, path: Path) -> None:
             kind = "finetune" if row["finetune_epochs"] > 0 else row["repair"]
             marker = MARKERS["finetune"] if row["finetune_epochs"] > 0 else MARKERS.get(row["method"], "x")
             hollow = row["schedule"] != "uniform"
-            axis.scatter([row["macs"] / 1e6], [row["accuracy"]], marker=marker, s=36, zorder=2,
+            offset = np.exp(SPREAD * (METHODS.index(row["method"]) - 1.5)) if row["method"] in METHODS else 1.0
+            axis.scatter([row["macs"] / 1e6 * offset], [row["accuracy"]], marker=marker, s=36, zorder=2,
                          facecolors="none" if hollow else COLOURS.get(kind, "gray"),
                          edgecolors=COLOURS.get(kind, "gray"), linewidths=1.2)
         axis.set_xscale("log")
+        ticks = sorted({round(v / 1e6, 1) for v in table["macs"]})
+        axis.xaxis.set_major_locator(matplotlib.ticker.FixedLocator(ticks))
+        axis.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        axis.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         axis.set_xlabel("MACs (millions, log scale)")
         axis.set_ylabel("top-1 accuracy (%)")
         axis.set_ylim(0, 100)
