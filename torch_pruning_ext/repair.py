@@ -294,7 +294,7 @@ def _original_rows(original: nn.Module, selection: torch.Tensor) -> tuple[torch.
     return weight[selection], bias[selection]
 
 
-def _refit_full(layer: nn.Module, original: nn.Module, origin: torch.Tensor, pruned_in: torch.Tensor,
+def _refit_input(layer: nn.Module, original: nn.Module, origin: torch.Tensor, pruned_in: torch.Tensor,
                 original_in: torch.Tensor, ridge: float, intercept: bool) -> float:
     """Refit a (non-grouped) Conv/Linear: new weight = original rows of the kept outputs with the
     input map M applied, M the ridge least-squares map from the pruned input to the original input."""
@@ -374,7 +374,7 @@ def _refit_output(layer: nn.Module, original: nn.Module, origin: torch.Tensor, p
                   original_in: torch.Tensor, ridge: float, intercept: bool, generator) -> float:
     """Refit a (non-grouped) Conv1d/Conv2d/Linear in output space: the weight W' (and bias) minimising
     |W' U' + b - W U|^2 + lambda |W' - W0|^2, U and U' the patches the layer reads in the original and
-    the pruned model, W the original rows of the kept outputs (`origin`, as in _refit_full), W0 the
+    the pruned model, W the original rows of the kept outputs (`origin`, as in _refit_input), W0 the
     layer's weight as pruning and fusion left it. The ridge pulls towards W0, not towards zero, and
     the fit is solved for the change W' - W0 from residuals, so a layer whose inputs did not change
     keeps its weights exactly."""
@@ -487,7 +487,7 @@ def _refit(layer, original, rows, origin, pruned_in, original_in, ridge, interce
     if space == "output" and isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Linear)):
         return {"mode": "output",
                 "explained": _refit_output(layer, original, rows, pruned_in, original_in, ridge, intercept, generator)}
-    return {"mode": "input", "explained": _refit_full(layer, original, rows, pruned_in, original_in, ridge, intercept)}
+    return {"mode": "input", "explained": _refit_input(layer, original, rows, pruned_in, original_in, ridge, intercept)}
 
 
 class _OriginalSide:
@@ -559,16 +559,17 @@ def repair_by_reconstruction(original: nn.Module, pruned: nn.Module, channel_ori
     """Refit every Conv/Linear layer of `pruned` (in place) so that, from the pruned model's own inputs,
     it reproduces what the same layer of `original` outputs for the channels it keeps.
 
-    For a layer whose input went from n to k channels, the k x n map M minimising
-    |X - M^T X'|^2 + lambda |M|^2 (X, X': the original and pruned model's inputs of that layer at
-    every position of every image; an intercept row when `intercept`) is applied to the input side of
-    the layer's original weight rows (the rows of the channels `channel_origin` says it keeps): the
-    data-driven counterpart of a transport map. One forward pass: the original model runs beside the
-    pruned one and hands over each layer's input; each layer is refitted before it runs, so its
-    corrected output feeds the next. Only Gram matrices are kept (float64, accumulated in chunks).
-    Depthwise convolutions get a scale (and shift) per channel; other grouped convolutions and the
-    layers named in `skip` are left as they are. Returns, per layer, how it was refitted and the
-    fraction of its original input's energy the map reproduces ("explained").
+    space="output" (default): the weight W' and bias minimising |W' U' + b - W U|^2 + lambda |W' - W0|^2
+    over sampled output positions, U / U' the patches the layer reads in the original / pruned model,
+    W the original rows of the channels it keeps (`channel_origin`; or, per layer in `row_maps`, a
+    k x n mix of original rows, e.g. fused_row_maps), W0 the layer as pruning left it. space="input":
+    the cheaper channel map M minimising |X - M^T X'|^2 + lambda |M|^2 on the layer inputs, applied to
+    the input side of W (the data-driven counterpart of a transport map).
+    One forward pass: the original model runs in a thread beside the pruned one and hands over each
+    layer's input; each layer is refitted before it runs, so its corrected output feeds the next.
+    Only Gram matrices are kept (float64 sums over chunks). Depthwise convolutions get a scale and
+    shift per channel; other grouped convolutions and the layers in `skip` are left as they are.
+    Returns, per layer, how it was refitted and the fraction of its target's energy the fit explains.
     """
     if space not in RECONSTRUCT_SPACES:
         raise ValueError(f"unknown reconstruction space {space!r}; choose one of: {', '.join(RECONSTRUCT_SPACES)}")
