@@ -75,3 +75,18 @@ def checkpoints(tmp_path_factory):
                released)
     paths["released"] = released
     return paths
+
+
+@pytest.fixture
+def run_main(capsys):
+    """Run main.py with these arguments: (exit code, stdout, stderr)."""
+    import main
+
+    def run(*argv):
+        try:
+            code = main.main([str(a) for a in argv])
+        except SystemExit as stop:  # argparse rejects bad arguments this way
+            code = stop.code
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+    return run

@@ -7,21 +7,11 @@ import zipfile
 import pytest
 import torch
 
-import main
 from torch_pruning_ext.checkpoints import CheckpointError, read_checkpoint, resolve_checkpoint
 from torch_pruning_ext.files import atomic_write_text
 from torch_pruning_ext.models import build_model
 from torch_pruning_ext.results import read_rows, write_rows
 from torch_pruning_ext.serialization import save_pruned
-
-
-def _main(capsys, *argv):
-    try:
-        code = main.main([str(a) for a in argv])
-    except SystemExit as stop:
-        code = stop.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 @pytest.mark.parametrize("make_output,message", [
@@ -33,10 +23,10 @@ def _main(capsys, *argv):
     (lambda tmp: _write(tmp / "garbage.csv", "model,accuracy\nvgg,1,2,3\n"), "garbage.csv is corrupt"),
     (lambda tmp: _write(tmp / "nul.csv", "model,accuracy\nvgg\0,1\n"), "nul.csv is corrupt (NUL bytes)"),
 ])
-def test_bad_output_is_refused_before_any_work(checkpoints, tiny_data, capsys, tmp_path, make_output, message):
+def test_bad_output_is_refused_before_any_work(checkpoints, tiny_data, run_main, tmp_path, make_output, message):
     target = make_output(tmp_path)
     before = _snapshot(target)
-    code, out, err = _main(capsys, "--checkpoint", checkpoints[("vgg11_bn", 10)], "--data-dir", tiny_data,
+    code, out, err = run_main("--checkpoint", checkpoints[("vgg11_bn", 10)], "--data-dir", tiny_data,
                            "--output", target)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
     assert "test images" not in err and out == ""  # no model was evaluated
@@ -58,11 +48,11 @@ def _snapshot(path):
     return open(path, "rb").read() if os.path.isfile(path) else None
 
 
-def test_bad_save_pruned_is_refused_before_any_work(checkpoints, tiny_data, capsys, tmp_path):
+def test_bad_save_pruned_is_refused_before_any_work(checkpoints, tiny_data, run_main, tmp_path):
     (tmp_path / "file").write_text("x")
     for folder, message in (("/proc/pr", "--save-pruned /proc/pr: cannot write in /proc"),
                             (tmp_path / "file", "is a file, not a directory")):
-        code, out, err = _main(capsys, "--checkpoint", checkpoints[("vgg11_bn", 10)], "--data-dir", tiny_data,
+        code, out, err = run_main("--checkpoint", checkpoints[("vgg11_bn", 10)], "--data-dir", tiny_data,
                                "--save-pruned", folder)
         assert code == 2 and message in err and "test images" not in err, err
 

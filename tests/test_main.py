@@ -4,26 +4,16 @@ import zipfile
 import pytest
 import torch
 
-import main
 from torch_pruning_ext.checkpoints import CheckpointError, load_model, resolve_checkpoint
 from torch_pruning_ext.data import dataset_info, load_bundled_fashion_mnist, load_split, normalize
 from torch_pruning_ext.models import build_model
 from torch_pruning_ext.results import read_rows
 
 
-def run_main(capsys, *argv):
-    try:
-        code = main.main([str(a) for a in argv])
-    except SystemExit as stop:  # argparse rejects bad arguments this way
-        code = stop.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def test_cli_end_to_end_writes_csv_and_json(tiny_data, checkpoints, capsys, tmp_path):
+def test_cli_end_to_end_writes_csv_and_json(tiny_data, checkpoints, run_main, tmp_path):
     common = ["--checkpoint", checkpoints[("vgg11_bn", 10)], "--data-dir", tiny_data, "--group_idxs", 1, 7,
               "--sparsities", 0.3, 0.7, "--methods", "default", "intra_fusion", "intra_fusion_fp"]
-    code, out, _ = run_main(capsys, *common, "--output", tmp_path / "rows.csv")
+    code, out, _ = run_main(*common, "--output", tmp_path / "rows.csv")
     assert code == 0
     assert "group" in out and "s=0.3" in out and "s=0.7" in out
     rows = read_rows(tmp_path / "rows.csv")
@@ -38,35 +28,35 @@ def test_cli_end_to_end_writes_csv_and_json(tiny_data, checkpoints, capsys, tmp_
     for row in rows:
         assert abs(float(row["accuracy"]) / 100 * 96 - round(float(row["accuracy"]) / 100 * 96)) < 1e-3
     # the same command writes the same numbers; json output is chosen by suffix
-    code, _, _ = run_main(capsys, *common, "--output", tmp_path / "rows.json")
+    code, _, _ = run_main(*common, "--output", tmp_path / "rows.json")
     again = json.loads((tmp_path / "rows.json").read_text())
     assert code == 0 and [r["accuracy"] for r in again] == [float(r["accuracy"]) for r in rows]
 
 
-def test_output_merges_with_rows_already_there(tiny_data, checkpoints, capsys, tmp_path):
+def test_output_merges_with_rows_already_there(tiny_data, checkpoints, run_main, tmp_path):
     out = tmp_path / "rows.csv"
     args = ["--checkpoint", checkpoints[("vgg11_bn", 10)], "--data-dir", tiny_data, "--sparsities", 0.5,
             "--methods", "default", "--output", out]
-    assert run_main(capsys, *args, "--group_idxs", 1)[0] == 0
-    assert run_main(capsys, *args, "--group_idxs", 2)[0] == 0
-    assert run_main(capsys, *args, "--group_idxs", 2)[0] == 0
+    assert run_main(*args, "--group_idxs", 1)[0] == 0
+    assert run_main(*args, "--group_idxs", 2)[0] == 0
+    assert run_main(*args, "--group_idxs", 2)[0] == 0
     rows = read_rows(out)
     assert sorted((r["group"], r["method"]) for r in rows) == [("", "base"), ("1", "default"), ("2", "default")]
 
 
-def test_taylor_and_chip_are_deterministic(tiny_data, checkpoints, capsys, tmp_path):
+def test_taylor_and_chip_are_deterministic(tiny_data, checkpoints, run_main, tmp_path):
     args = ["--checkpoint", checkpoints[("vgg11_bn", 10)], "--data-dir", tiny_data, "--group_idxs", 0,
             "--sparsities", 0.5, "--importance_criteria", "taylor", "chip", "random", "taylor_fm", "thinet",
             "--taylor-batches", 1]
-    assert run_main(capsys, *args, "--output", tmp_path / "a.csv")[0] == 0
-    assert run_main(capsys, *args, "--output", tmp_path / "b.csv")[0] == 0
+    assert run_main(*args, "--output", tmp_path / "a.csv")[0] == 0
+    assert run_main(*args, "--output", tmp_path / "b.csv")[0] == 0
     assert (tmp_path / "a.csv").read_text().count("taylor") >= 3
     strip = lambda rows: [{k: v for k, v in r.items() if k != "prune_seconds"} for r in rows]  # noqa: E731
     assert strip(read_rows(tmp_path / "a.csv")) == strip(read_rows(tmp_path / "b.csv"))
 
 
-def test_list_groups(checkpoints, capsys):
-    code, out, _ = run_main(capsys, "--checkpoint", checkpoints[("resnet18", 10)], "--model-name", "resnet18",
+def test_list_groups(checkpoints, run_main):
+    code, out, _ = run_main("--checkpoint", checkpoints[("resnet18", 10)], "--model-name", "resnet18",
                             "--list-groups")
     assert code == 0 and len(out.strip().splitlines()) == 12 and out.startswith("[0] layer4.1.conv2")
 
@@ -81,15 +71,15 @@ def test_list_groups(checkpoints, capsys):
     (["--dataset", "mnist"], r"unknown dataset 'mnist'"),
     (["--output", "rows.txt"], r"must end in \.csv or \.json"),
 ])
-def test_bad_arguments_exit_2_with_one_line(checkpoints, tiny_data, capsys, argv, message):
-    code, _, err = run_main(capsys, "--checkpoint", checkpoints[("vgg11_bn", 10)], "--data-dir", tiny_data, *argv)
+def test_bad_arguments_exit_2_with_one_line(checkpoints, tiny_data, run_main, argv, message):
+    code, _, err = run_main("--checkpoint", checkpoints[("vgg11_bn", 10)], "--data-dir", tiny_data, *argv)
     assert code == 2
     assert len(err.strip().splitlines()) == 1
     import re
     assert re.search(message, err), err
 
 
-def test_bad_checkpoints(checkpoints, tiny_data, capsys, tmp_path):
+def test_bad_checkpoints(checkpoints, tiny_data, run_main, tmp_path):
     corrupt = tmp_path / "corrupt.checkpoint"
     corrupt.write_bytes(b"not a checkpoint")
     cases = [
@@ -99,7 +89,7 @@ def test_bad_checkpoints(checkpoints, tiny_data, capsys, tmp_path):
         (["--checkpoint", checkpoints[("vgg11_bn", 100)]], "trained on cifar100, not fashion-mnist"),
     ]
     for argv, message in cases:
-        code, _, err = run_main(capsys, "--data-dir", tiny_data, *argv)
+        code, _, err = run_main("--data-dir", tiny_data, *argv)
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
 
 
@@ -130,9 +120,9 @@ def test_checkpoint_lookup_order(checkpoints, tmp_path):
         resolve_checkpoint("resnet18", "fashion-mnist", None, tmp_path)
 
 
-def test_missing_dataset_gives_a_clear_message(checkpoints, capsys, tmp_path, monkeypatch):
+def test_missing_dataset_gives_a_clear_message(checkpoints, run_main, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    code, _, err = run_main(capsys, "--checkpoint", checkpoints[("vgg11_bn", 100)], "--dataset", "cifar100",
+    code, _, err = run_main("--checkpoint", checkpoints[("vgg11_bn", 100)], "--dataset", "cifar100",
                             "--data-dir", tmp_path / "nowhere", "--no-download")
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert "cifar100 (test) was not found in" in err and "--data-dir" in err
@@ -203,74 +193,74 @@ def test_fast_layout_keeps_outputs_and_restores_the_model(make_model):
     assert not model.layer1[0].conv1.weight.is_contiguous()
 
 
-def test_save_pruned_from_the_cli(tiny_data, checkpoints, capsys, tmp_path):
+def test_save_pruned_from_the_cli(tiny_data, checkpoints, run_main, tmp_path):
     from torch_pruning_ext import load_pruned
     args = ["--checkpoint", checkpoints[("vgg11_bn", 10)], "--data-dir", tiny_data, "--group_idxs", 2,
             "--sparsities", 0.5, "--methods", "intra_fusion", "--save-pruned", tmp_path / "pruned"]
-    assert run_main(capsys, *args)[0] == 0
+    assert run_main(*args)[0] == 0
     saved = tmp_path / "pruned" / "vgg11_bn_fashion-mnist_l1_g2_s0.5_intra_fusion.pt"
-    assert run_main(capsys, *args, "--repair", "datafree", "--p", 2)[0] == 0  # a variant gets its own file
+    assert run_main(*args, "--repair", "datafree", "--p", 2)[0] == 0  # a variant gets its own file
     assert (tmp_path / "pruned" / "vgg11_bn_fashion-mnist_l1_g2_s0.5_intra_fusion_p-2_repair-datafree.pt").is_file()
     model = load_pruned(saved)
     assert model.features[18].out_channels == 256 and model.features[22].in_channels == 256
 
 
-def test_repair_modes_from_the_cli(tiny_data, checkpoints, capsys, tmp_path):
+def test_repair_modes_from_the_cli(tiny_data, checkpoints, run_main, tmp_path):
     args = ["--checkpoint", checkpoints[("vgg11_bn", 10)], "--data-dir", tiny_data, "--group_idxs", 1,
             "--sparsities", 0.7, "--methods", "intra_fusion", "--output", tmp_path / "rows.csv"]
     for mode in ("none", "data", "data_downstream", "datafree"):
-        assert run_main(capsys, *args, "--repair", mode, "--repair-samples", 64)[0] == 0
+        assert run_main(*args, "--repair", mode, "--repair-samples", 64)[0] == 0
     rows = read_rows(tmp_path / "rows.csv")
     assert sorted({r["repair"] for r in rows}) == ["data", "data_downstream", "datafree", "none"]
     assert len([r for r in rows if r["method"] == "intra_fusion"]) == 4
     assert {r["repair"]: r["repair_samples"] for r in rows if r["method"] == "intra_fusion"} == \
         {"none": "", "data": "64", "data_downstream": "64", "datafree": ""}
-    code, _, err = run_main(capsys, *args, "--repair", "data", "--repair-samples", 5000)
+    code, _, err = run_main(*args, "--repair", "data", "--repair-samples", 5000)
     assert code == 2 and "--repair-samples 5000 is more than the 256" in err
 
 
-def test_finetuning_after_pruning(tiny_data, checkpoints, capsys, tmp_path):
+def test_finetuning_after_pruning(tiny_data, checkpoints, run_main, tmp_path):
     args = ["--checkpoint", checkpoints[("vgg11_bn", 10)], "--data-dir", tiny_data, "--group_idxs", 1,
             "--sparsities", 0.7, "--methods", "default", "--output", tmp_path / "rows.csv"]
-    assert run_main(capsys, *args, "--finetune-epochs", 0.25)[0] == 0
-    assert run_main(capsys, *args)[0] == 0
+    assert run_main(*args, "--finetune-epochs", 0.25)[0] == 0
+    assert run_main(*args)[0] == 0
     rows = [r for r in read_rows(tmp_path / "rows.csv") if r["method"] == "default"]
     assert sorted(r["finetune_epochs"] for r in rows) == ["0.0", "0.25"]
     tuned = [r for r in rows if r["finetune_epochs"] == "0.25"][0]
     assert float(tuned["prune_seconds"]) > 0 and tuned["params"] == "5921493"
 
 
-def test_gate_criterion_needs_a_gated_checkpoint(tiny_data, checkpoints, capsys, tmp_path):
+def test_gate_criterion_needs_a_gated_checkpoint(tiny_data, checkpoints, run_main, tmp_path):
     args = ["--data-dir", tiny_data, "--group_idxs", 7, "--sparsities", 0.5, "--importance_criteria", "gate"]
-    code, _, err = run_main(capsys, "--checkpoint", checkpoints[("vgg11_bn", 10)], *args)
+    code, _, err = run_main("--checkpoint", checkpoints[("vgg11_bn", 10)], *args)
     assert code == 2 and "needs a checkpoint trained with channel gates" in err
     state = torch.load(checkpoints[("vgg11_bn", 10)], weights_only=True)
     state["gates"] = {"features.0": torch.linspace(0, 1, 64)}
     torch.save(state, tmp_path / "gated.checkpoint")
-    code, out, _ = run_main(capsys, "--checkpoint", tmp_path / "gated.checkpoint", *args, "--output", tmp_path / "r.csv")
+    code, out, _ = run_main("--checkpoint", tmp_path / "gated.checkpoint", *args, "--output", tmp_path / "r.csv")
     assert code == 0 and {r["criterion"] for r in read_rows(tmp_path / "r.csv")} == {"gate"}
 
 
-def test_explicit_defaults_name_the_same_settings(tiny_data, checkpoints, capsys, tmp_path):
+def test_explicit_defaults_name_the_same_settings(tiny_data, checkpoints, run_main, tmp_path):
     args = ["--checkpoint", checkpoints[("vgg11_bn", 10)], "--data-dir", tiny_data, "--group_idxs", 1,
             "--sparsities", 0.5, "--methods", "default", "--output", tmp_path / "rows.csv"]
-    assert run_main(capsys, *args)[0] == 0
-    assert run_main(capsys, *args, "--p", 1, "--finetune-epochs", 0, "--seed", 0)[0] == 0
+    assert run_main(*args)[0] == 0
+    assert run_main(*args, "--p", 1, "--finetune-epochs", 0, "--seed", 0)[0] == 0
     # data sizes that do not apply (no data criterion, no data repair) do not name new rows either
-    assert run_main(capsys, *args, "--taylor-batches", 2, "--thinet-samples", 8, "--repair-samples", 4)[0] == 0
+    assert run_main(*args, "--taylor-batches", 2, "--thinet-samples", 8, "--repair-samples", 4)[0] == 0
     assert len(read_rows(tmp_path / "rows.csv")) == 2
 
 
-def test_data_sizes_name_their_rows(tiny_data, checkpoints, capsys, tmp_path):
+def test_data_sizes_name_their_rows(tiny_data, checkpoints, run_main, tmp_path):
     args = ["--checkpoint", checkpoints[("vgg11_bn", 10)], "--data-dir", tiny_data, "--group_idxs", 1,
             "--sparsities", 0.5, "--methods", "default", "--importance_criteria", "thinet", "l1",
             "--taylor-batches", 1, "--output", tmp_path / "rows.csv"]
-    assert run_main(capsys, *args, "--thinet-samples", 8)[0] == 0
-    assert run_main(capsys, *args, "--thinet-samples", 64)[0] == 0
+    assert run_main(*args, "--thinet-samples", 8)[0] == 0
+    assert run_main(*args, "--thinet-samples", 64)[0] == 0
     rows = read_rows(tmp_path / "rows.csv")
     thinet = {r["thinet_samples"] for r in rows if r["criterion"] == "thinet"}
     assert thinet == {"8", "64"} and {r["thinet_samples"] for r in rows if r["criterion"] == "l1"} == {""}
     assert {r["taylor_batches"] for r in rows} == {"1", ""}  # recorded for thinet only, not for l1
     assert len(rows) == 6  # thinet: base + cell at each sample count; l1: base + cell, once
-    code, _, err = run_main(capsys, *args, "--thinet-samples", 0)
+    code, _, err = run_main(*args, "--thinet-samples", 0)
     assert code == 2 and "thinet-samples must be a positive integer, got 0" in err

@@ -185,19 +185,9 @@ def test_compress_reads_a_dataloader_and_rejects_bad_options(make_model):
         compress(model, example, 1.5)
 
 
-def _main(capsys, *argv):
-    import main
-    try:
-        code = main.main([str(a) for a in argv])
-    except SystemExit as stop:
-        code = stop.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def test_main_prunes_the_whole_network_with_reconstruct_and_fold(tiny_data, checkpoints, capsys, tmp_path):
+def test_main_prunes_the_whole_network_with_reconstruct_and_fold(tiny_data, checkpoints, run_main, tmp_path):
     from torch_pruning_ext.results import read_rows
-    code, out, err = _main(capsys, "--checkpoint", checkpoints[("vgg11_bn", 10)], "--data-dir", tiny_data,
+    code, out, err = run_main("--checkpoint", checkpoints[("vgg11_bn", 10)], "--data-dir", tiny_data,
                            "--group_idxs", "all", 1, "--sparsities", 0.5, "--methods", "default", "fold",
                            "--repair", "reconstruct", "--repair-samples", 64, "--output", tmp_path / "rows.csv")
     assert code == 0, err
@@ -207,7 +197,7 @@ def test_main_prunes_the_whole_network_with_reconstruct_and_fold(tiny_data, chec
     assert {r["repair"] for r in whole} == {"reconstruct"} and {r["repair_samples"] for r in whole} == {"64"}
     assert {r["params"] for r in whole} == {"2311562"}  # every group at s=0.5
     assert "all " in out  # the table has a row for the whole network
-    code, _, err = _main(capsys, "--checkpoint", checkpoints[("vgg11_bn", 10)], "--data-dir", tiny_data,
+    code, _, err = run_main("--checkpoint", checkpoints[("vgg11_bn", 10)], "--data-dir", tiny_data,
                          "--group_idxs", "all", "--sparsities", 0.7, "--methods", "default", "--schedule", "global",
                          "--max-layer-sparsity", 0.8, "--output", tmp_path / "global.csv")
     assert code == 0, err
@@ -221,8 +211,8 @@ def test_main_prunes_the_whole_network_with_reconstruct_and_fold(tiny_data, chec
     (["--max-layer-sparsity", "0.8"], "--max-layer-sparsity caps the global schedule; add --schedule global"),
     (["--methods", "folding"], "unknown method 'folding'; choose one of: default, intra_fusion, intra_fusion_fp, fold"),
 ])
-def test_main_whole_network_options_fail_in_one_line(tiny_data, checkpoints, capsys, argv, message):
-    code, _, err = _main(capsys, "--checkpoint", checkpoints[("vgg11_bn", 10)], "--data-dir", tiny_data, *argv)
+def test_main_whole_network_options_fail_in_one_line(tiny_data, checkpoints, run_main, argv, message):
+    code, _, err = run_main("--checkpoint", checkpoints[("vgg11_bn", 10)], "--data-dir", tiny_data, *argv)
     assert code == 2
     assert message in err and len(err.strip().splitlines()) == 1
 
