@@ -27,7 +27,7 @@ from torch_pruning_ext.pruner import IntraFusionPruner
 from torch_pruning_ext.files import check_writable_dir
 from torch_pruning_ext.results import check_results_file, format_table, write_rows
 from torch_pruning_ext.bn_folding import FOLD_MODES
-from torch_pruning_ext.compress import SCHEDULES
+from torch_pruning_ext.compress import SCHEDULES, check_schedule
 
 ROOT = Path(__file__).resolve().parent
 
@@ -110,8 +110,7 @@ def run(args) -> int:
         raise ValueError(f"--batch-size must be a positive integer, got {args.batch_size}")
     sizes = {criterion: data_sizes(criterion, args.repair, args.taylor_batches, args.repair_samples,
                                    args.thinet_samples) for criterion in args.importance_criteria}
-    if args.max_layer_sparsity is not None and args.schedule != "global":
-        raise ValueError("--max-layer-sparsity caps the global schedule; add --schedule global")
+    check_schedule(args.schedule, args.max_layer_sparsity)
     output = check_results_file(args.output) if args.output else None
     if args.save_pruned:
         check_writable_dir(args.save_pruned, "--save-pruned")

@@ -17,7 +17,7 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from torch_pruning_ext.checkpoints import load_model, resolve_checkpoint  # noqa: E402
-from torch_pruning_ext.compress import SCHEDULES  # noqa: E402
+from torch_pruning_ext.compress import SCHEDULES, check_schedule  # noqa: E402
 from torch_pruning_ext.cli import run_cli, sparsity  # noqa: E402
 from torch_pruning_ext.evaluation import EVAL_BATCH_SIZE  # noqa: E402
 from torch_pruning_ext.files import file_lock  # noqa: E402
@@ -114,6 +114,7 @@ def sweep(args) -> int:
     checkpoints = dict(item.split("=", 1) for item in args.checkpoint)
     check_data_sizes(taylor_batches=args.taylor_batches, repair_samples=args.repair_samples,
                      thinet_samples=args.thinet_samples)
+    check_schedule(args.schedule, args.max_layer_sparsity)
     info = dataset_info(args.dataset)
     test = load_split(args.dataset, "test", args.data_dir, download=not args.no_download)
     inputs = normalize(test.images, info)

@@ -28,6 +28,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from latency import measure  # noqa: E402
 from report import LABELS, _save  # noqa: E402
 from torch_pruning_ext.files import atomic_write_text  # noqa: E402
+from torch_pruning_ext.models import build_model  # noqa: E402
 from torch_pruning_ext.protocol import Settings, pruned_file_name  # noqa: E402
 from torch_pruning_ext.serialization import load_pruned  # noqa: E402
 
@@ -77,7 +78,6 @@ def measure_latency(data: pd.DataFrame, pruned_dir: Path, batches, repeats: int)
             raise ValueError(f"no saved model {path}: run the sweep with --save-pruned {pruned_dir}")
         rows += _time_model(load_pruned(path), row, batches, repeats)
     for name in data[data["method"] == "base"]["model"].unique():
-        from torch_pruning_ext.models import build_model
         base = {"model": name, "sparsity": 0.0, "schedule": "uniform", "max_layer_sparsity": ""}
         rows += _time_model(build_model(name, 10).eval(), base, batches, repeats)
     return rows

@@ -49,12 +49,17 @@ class _Redundant(nn.Module):
         return self.head(torch.relu(self.conv2(self.conv1(x))).mean((2, 3)))
 
 
-def test_reconstruct_restores_an_exactly_redundant_channel():
+def _redundant_pruned():
+    """The _Redundant model, a copy with its redundant channel plainly pruned, and calibration inputs."""
     original = _Redundant().eval()
     pruned = copy.deepcopy(original)
     graph = tp.DependencyGraph().build_dependency(pruned, example_inputs=torch.randn(1, 3, 8, 8))
     graph.get_pruning_group(pruned.conv1, tp.prune_conv_out_channels, [3]).prune()
-    inputs = torch.randn(32, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    return original, pruned, torch.randn(32, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+
+
+def test_reconstruct_restores_an_exactly_redundant_channel():
+    original, pruned, inputs = _redundant_pruned()
     x = torch.randn(5, 3, 8, 8)
     assert not torch.allclose(pruned(x), original(x), atol=1e-2)  # plain pruning changed the function
     report = repair_by_reconstruction(original, pruned, {"conv1": torch.tensor([0, 1, 2])}, inputs, ridge=1e-10)
@@ -64,11 +69,7 @@ def test_reconstruct_restores_an_exactly_redundant_channel():
 
 
 def test_reconstruct_in_input_space_restores_it_too():
-    original = _Redundant().eval()
-    pruned = copy.deepcopy(original)
-    graph = tp.DependencyGraph().build_dependency(pruned, example_inputs=torch.randn(1, 3, 8, 8))
-    graph.get_pruning_group(pruned.conv1, tp.prune_conv_out_channels, [3]).prune()
-    inputs = torch.randn(32, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    original, pruned, inputs = _redundant_pruned()
     report = repair_by_reconstruction(original, pruned, {"conv1": torch.tensor([0, 1, 2])}, inputs, ridge=1e-10,
                                       intercept=False, space="input")
     assert report["conv2"]["mode"] == "input"

@@ -26,6 +26,18 @@ CALIBRATION_SAMPLES = 1024  # unlabelled inputs the data repairs use by default
 SCHEDULES = ("uniform", "global")
 
 
+def check_schedule(schedule: str, max_layer_sparsity: float | None) -> float | None:
+    """Validate a schedule and its cap (the cap only caps the global schedule); returns the cap."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}; choose one of: {', '.join(SCHEDULES)}")
+    if max_layer_sparsity is None:
+        return None
+    if schedule != "global":
+        raise ValueError("--max-layer-sparsity caps the global schedule; add --schedule global "
+                         "(in compress(): max_layer_sparsity needs schedule='global')")
+    return check_sparsity(max_layer_sparsity)
+
+
 @dataclass
 class CompressionSummary:
     """What compress() did, in numbers (to_dict() is JSON-ready)."""
@@ -99,10 +111,7 @@ def compress(model: nn.Module, example_inputs: torch.Tensor, sparsity: float = 0
     """
     check_method(method)
     sparsity = check_sparsity(sparsity)
-    if schedule not in SCHEDULES:
-        raise ValueError(f"unknown schedule {schedule!r}; choose one of: {', '.join(SCHEDULES)}")
-    if max_layer_sparsity is not None and schedule != "global":
-        raise ValueError("max_layer_sparsity applies to schedule='global' only")
+    max_layer_sparsity = check_schedule(schedule, max_layer_sparsity)
     if fold_bn not in FOLD_MODES:
         raise ValueError(f"unknown fold_bn {fold_bn!r}; choose one of: {', '.join(FOLD_MODES)}")
     images = calibration_tensor(calibration, calibration_samples)

@@ -20,11 +20,10 @@ from .groups import ROOT_TYPES, output_layers
 from .methods import METHODS, check_method, method_plan
 from .importance import DATA_CRITERIA, THINET_SAMPLES, build_importance
 from .optimal_transport import OptimalTransport
-from .pruner import IntraFusionPruner, check_sparsity
-from .compress import SCHEDULES
+from .pruner import IntraFusionPruner
+from .compress import check_schedule
 from .repair import (DATA_MODES, check_mode as check_repair, fused_row_maps, layer_statistics,
-                     repair_by_reconstruction,
-                     repair_variance, repair_with_data, repair_without_data)
+                     repair_by_reconstruction, repair_variance, repair_with_data, repair_without_data)
 from .serialization import save_pruned
 from .staged import PrefixCache, first_stage, has_stages, run_stages
 from .training import train
@@ -62,14 +61,10 @@ class Settings:
         # numbers are stored as floats so that "--p 1" and the default name the same settings
         object.__setattr__(self, "p", float(self.p))
         object.__setattr__(self, "finetune_epochs", float(self.finetune_epochs))
+        cap = check_schedule(self.schedule or "uniform", self.max_layer_sparsity)
+        object.__setattr__(self, "max_layer_sparsity", cap)
         if self.schedule == "uniform":  # the default, named as rows written before schedules existed
             object.__setattr__(self, "schedule", None)
-        if self.schedule not in (None, "global"):
-            raise ValueError(f"unknown schedule {self.schedule!r}; choose one of: {', '.join(SCHEDULES)}")
-        if self.max_layer_sparsity is not None:
-            if self.schedule != "global":
-                raise ValueError("--max-layer-sparsity caps the global schedule; add --schedule global")
-            object.__setattr__(self, "max_layer_sparsity", check_sparsity(self.max_layer_sparsity))
 
     def transport(self) -> OptimalTransport:
         return OptimalTransport(p=self.p, source_prob=self.source_prob, target_prob=self.target_prob,

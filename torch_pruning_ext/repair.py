@@ -298,12 +298,12 @@ def _refit_input(layer: nn.Module, original: nn.Module, origin: torch.Tensor, pr
                 original_in: torch.Tensor, ridge: float, intercept: bool) -> float:
     """Refit a (non-grouped) Conv/Linear: new weight = original rows of the kept outputs with the
     input map M applied, M the ridge least-squares map from the pruned input to the original input."""
-    k, n = pruned_in.shape[1 if not isinstance(layer, nn.Linear) else -1], original_in.shape[
-        1 if not isinstance(layer, nn.Linear) else -1]
+    channel_dim = -1 if isinstance(layer, nn.Linear) else 1
+    k, n = pruned_in.shape[channel_dim], original_in.shape[channel_dim]
     dim = k + int(intercept)
     gram = torch.zeros(dim, dim, dtype=torch.float64)
     cross = torch.zeros(dim, n, dtype=torch.float64)
-    total = explained = 0.0
+    total = 0.0
     per_image = (k + n) * 8 * (pruned_in[0].numel() // max(1, k))
     for a, b in zip(_chunks(pruned_in, per_image), _chunks(original_in, per_image)):
         a, b = _as_rows(a, layer).double(), _as_rows(b, layer).double()
