@@ -12,20 +12,20 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from torch_pruning_ext.checkpoints import load_model, resolve_checkpoint
-from torch_pruning_ext.cli import OneLineParser, choice, run_cli, sparsity
-from torch_pruning_ext.data import DATASETS, calibration_batches, calibration_set, dataset_info, load_split, normalize
-from torch_pruning_ext.evaluation import EVAL_BATCH_SIZE
+from torch_pruning_ext.experiments.checkpoints import load_model, resolve_checkpoint
+from torch_pruning_ext.experiments.cli import OneLineParser, choice, run_cli, sparsity
+from torch_pruning_ext.experiments.data import DATASETS, calibration_batches, calibration_set, dataset_info, load_split, normalize
+from torch_pruning_ext.experiments.evaluation import EVAL_BATCH_SIZE
 from torch_pruning_ext.groups import describe_groups
 from torch_pruning_ext.importance import CRITERIA, DATA_CRITERIA, THINET_SAMPLES
-from torch_pruning_ext.models import MODEL_BUILDERS
+from torch_pruning_ext.experiments.models import MODEL_BUILDERS
 from torch_pruning_ext.optimal_transport import PROBABILITIES, SOLVERS, TARGETS
-from torch_pruning_ext.protocol import (METHODS, REPAIR_SAMPLES, TAYLOR_BATCHES, Protocol, Settings, data_sizes,
+from torch_pruning_ext.experiments.protocol import (METHODS, REPAIR_SAMPLES, TAYLOR_BATCHES, Protocol, Settings, data_sizes,
                                         repair_images)
 from torch_pruning_ext.repair import DATA_MODES, REPAIR_MODES
 from torch_pruning_ext.pruner import IntraFusionPruner
 from torch_pruning_ext.files import check_writable_dir
-from torch_pruning_ext.results import check_results_file, format_table, write_rows
+from torch_pruning_ext.experiments.results import check_results_file, format_table, write_rows
 from torch_pruning_ext.bn_folding import FOLD_MODES
 from torch_pruning_ext.compress import SCHEDULES, check_schedule
 

@@ -22,11 +22,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import main  # noqa: E402
 from torch_pruning_ext.bn_folding import fold_batchnorms  # noqa: E402
-from torch_pruning_ext.checkpoints import load_model, resolve_checkpoint  # noqa: E402
-from torch_pruning_ext.data import calibration_set, dataset_info, load_split, normalize  # noqa: E402
-from torch_pruning_ext.evaluation import accuracy  # noqa: E402
+from torch_pruning_ext.experiments.checkpoints import load_model, resolve_checkpoint  # noqa: E402
+from torch_pruning_ext.experiments.data import calibration_set, dataset_info, load_split, normalize  # noqa: E402
+from torch_pruning_ext.experiments.evaluation import accuracy  # noqa: E402
 from torch_pruning_ext.optimal_transport import OptimalTransport  # noqa: E402
-from torch_pruning_ext.protocol import repair_images  # noqa: E402
+from torch_pruning_ext.experiments.protocol import repair_images  # noqa: E402
 from torch_pruning_ext.pruner import IntraFusionPruner  # noqa: E402
 from torch_pruning_ext.repair import repair_by_reconstruction  # noqa: E402
 

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from torch_pruning_ext.export import export_onnx, onnx_session  # noqa: E402
 from torch_pruning_ext.files import atomic_write_text  # noqa: E402
-from torch_pruning_ext.models import build_model  # noqa: E402
+from torch_pruning_ext.experiments.models import build_model  # noqa: E402
 from torch_pruning_ext.pruner import IntraFusionPruner  # noqa: E402
 
 

@@ -16,19 +16,19 @@ from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from torch_pruning_ext.checkpoints import load_model, resolve_checkpoint  # noqa: E402
+from torch_pruning_ext.experiments.checkpoints import load_model, resolve_checkpoint  # noqa: E402
 from torch_pruning_ext.compress import SCHEDULES, check_schedule  # noqa: E402
-from torch_pruning_ext.cli import run_cli, sparsity  # noqa: E402
-from torch_pruning_ext.evaluation import EVAL_BATCH_SIZE  # noqa: E402
+from torch_pruning_ext.experiments.cli import run_cli, sparsity  # noqa: E402
+from torch_pruning_ext.experiments.evaluation import EVAL_BATCH_SIZE  # noqa: E402
 from torch_pruning_ext.files import file_lock  # noqa: E402
-from torch_pruning_ext.data import (DATASETS, calibration_batches, calibration_set, dataset_info,  # noqa: E402
+from torch_pruning_ext.experiments.data import (DATASETS, calibration_batches, calibration_set, dataset_info,  # noqa: E402
                                     load_split, normalize)
 from torch_pruning_ext.importance import CRITERIA, DATA_CRITERIA, THINET_SAMPLES  # noqa: E402
-from torch_pruning_ext.models import MODEL_BUILDERS  # noqa: E402
-from torch_pruning_ext.protocol import (METHODS, REPAIR_SAMPLES, TAYLOR_BATCHES, Protocol, Settings,  # noqa: E402
+from torch_pruning_ext.experiments.models import MODEL_BUILDERS  # noqa: E402
+from torch_pruning_ext.experiments.protocol import (METHODS, REPAIR_SAMPLES, TAYLOR_BATCHES, Protocol, Settings,  # noqa: E402
                                         cell_identity, check_data_sizes, data_sizes, repair_images)
 from torch_pruning_ext.repair import DATA_MODES, REPAIR_MODES  # noqa: E402
-from torch_pruning_ext.results import read_rows, row_key, write_rows  # noqa: E402
+from torch_pruning_ext.experiments.results import read_rows, row_key, write_rows  # noqa: E402
 
 
 

@@ -18,11 +18,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from torch_pruning_ext.data import (DATASETS, DatasetUnavailable, dataset_info, load_split, normalize,
+from torch_pruning_ext.experiments.data import (DATASETS, DatasetUnavailable, dataset_info, load_split, normalize,
                                     random_crop_flip)
-from torch_pruning_ext.evaluation import accuracy
+from torch_pruning_ext.experiments.evaluation import accuracy
 from torch_pruning_ext.files import atomic_torch_save
-from torch_pruning_ext.models import MODEL_BUILDERS, build_model
+from torch_pruning_ext.experiments.models import MODEL_BUILDERS, build_model
 
 RECIPES = {
     # The released recipe: SGD momentum 0.9, lr 0.05 halved every 30 epochs, 300 epochs, batch 128.

@@ -23,18 +23,18 @@ import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from torch_pruning_ext.checkpoints import load_model, resolve_checkpoint  # noqa: E402
-from torch_pruning_ext.cli import OneLineParser, run_cli, sparsity  # noqa: E402
-from torch_pruning_ext.data import DATASETS, dataset_info, load_split, normalize  # noqa: E402
-from torch_pruning_ext.evaluation import accuracy  # noqa: E402
+from torch_pruning_ext.experiments.checkpoints import load_model, resolve_checkpoint  # noqa: E402
+from torch_pruning_ext.experiments.cli import OneLineParser, run_cli, sparsity  # noqa: E402
+from torch_pruning_ext.experiments.data import DATASETS, dataset_info, load_split, normalize  # noqa: E402
+from torch_pruning_ext.experiments.evaluation import accuracy  # noqa: E402
 from torch_pruning_ext.files import atomic_path, atomic_torch_save, atomic_write_text  # noqa: E402
-from torch_pruning_ext.footprint import footprint  # noqa: E402
-from torch_pruning_ext.models import MODEL_BUILDERS  # noqa: E402
-from torch_pruning_ext.results import write_rows  # noqa: E402
-from torch_pruning_ext.sparse_training import (ASL_MODES, add_gates, add_thresholds, fold_parametrizations,  # noqa: E402
+from torch_pruning_ext.experiments.footprint import footprint  # noqa: E402
+from torch_pruning_ext.experiments.models import MODEL_BUILDERS  # noqa: E402
+from torch_pruning_ext.experiments.results import write_rows  # noqa: E402
+from torch_pruning_ext.experiments.sparse_training import (ASL_MODES, add_gates, add_thresholds, fold_parametrizations,  # noqa: E402
                                                gate_penalty, gate_values, layer_sparsity, sparsity_loss)
-from torch_pruning_ext.training import train  # noqa: E402
-from torch_pruning_ext.unstructured import global_magnitude_prune, make_permanent, weight_sparsity  # noqa: E402
+from torch_pruning_ext.experiments.training import train  # noqa: E402
+from torch_pruning_ext.experiments.unstructured import global_magnitude_prune, make_permanent, weight_sparsity  # noqa: E402
 
 CLOSED = 0.01  # a gate below this counts as pruned
 SUMMARY_FIELDS = ("model", "dataset", "method", "setting", "accuracy")

@@ -28,8 +28,8 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from latency import measure  # noqa: E402
 from report import LABELS, _save  # noqa: E402
 from torch_pruning_ext.files import atomic_write_text  # noqa: E402
-from torch_pruning_ext.models import build_model  # noqa: E402
-from torch_pruning_ext.protocol import Settings, pruned_file_name  # noqa: E402
+from torch_pruning_ext.experiments.models import build_model  # noqa: E402
+from torch_pruning_ext.experiments.protocol import Settings, pruned_file_name  # noqa: E402
 from torch_pruning_ext.serialization import load_pruned  # noqa: E402
 
 METHODS = ["default", "intra_fusion", "intra_fusion_fp", "fold"]

@@ -1,5 +1,3 @@
-import gzip
-import struct
 import sys
 from pathlib import Path
 
@@ -10,22 +8,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from torch_pruning_ext.models import build_model  # noqa: E402
-
-
-def randomize_batchnorms(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Give every BN non-trivial statistics and affine parameters, as a trained model has."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-                size = module.num_features
-                module.running_mean.copy_(torch.randn(size, generator=generator) * 0.1)
-                module.running_var.copy_(torch.rand(size, generator=generator) + 0.5)
-                if module.affine:
-                    module.weight.copy_(torch.rand(size, generator=generator) + 0.5)
-                    module.bias.copy_(torch.randn(size, generator=generator) * 0.1)
-    return model.eval()
+from tests.helpers import randomize_batchnorms, write_idx  # noqa: E402
+from torch_pruning_ext.experiments.models import build_model  # noqa: E402
 
 
 @pytest.fixture
@@ -39,12 +23,6 @@ def make_model():
 @pytest.fixture
 def example():
     return torch.randn(1, 3, 32, 32)
-
-
-def write_idx(path, array):
-    header = struct.pack(">BBBB", 0, 0, 8, array.ndim) + b"".join(struct.pack(">I", d) for d in array.shape)
-    with gzip.open(path, "wb") as handle:
-        handle.write(header + array.astype(np.uint8).tobytes())
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from tests.conftest import randomize_batchnorms
+from tests.helpers import randomize_batchnorms
 from torch_pruning_ext import fold_batchnorms
 
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torchvision
 
-from tests.conftest import randomize_batchnorms
+from tests.helpers import randomize_batchnorms
 from torch_pruning_ext import IntraFusionPruner, OptimalTransport
 from torch_pruning_ext.export import export_onnx
 from torch_pruning_ext.serialization import NotAPrunedModel, load_pruned, save_pruned

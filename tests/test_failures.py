@@ -7,10 +7,10 @@ import zipfile
 import pytest
 import torch
 
-from torch_pruning_ext.checkpoints import CheckpointError, read_checkpoint, resolve_checkpoint
+from torch_pruning_ext.experiments.checkpoints import CheckpointError, read_checkpoint, resolve_checkpoint
 from torch_pruning_ext.files import atomic_write_text
-from torch_pruning_ext.models import build_model
-from torch_pruning_ext.results import read_rows, write_rows
+from torch_pruning_ext.experiments.models import build_model
+from torch_pruning_ext.experiments.results import read_rows, write_rows
 from torch_pruning_ext.serialization import save_pruned
 
 

@@ -2,18 +2,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from torch_pruning_ext.footprint import csr_bytes, footprint
-from torch_pruning_ext.unstructured import global_magnitude_prune, make_permanent, weight_sparsity
-
-
-class Chain(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3, padding=1)  # 108 + 4 params
-        self.fc = nn.Linear(4 * 8 * 8, 5)          # 1280 + 5 params
-
-    def forward(self, x):
-        return self.fc(torch.relu(self.conv(x)).flatten(1))
+from tests.helpers import Chain
+from torch_pruning_ext.experiments.footprint import csr_bytes, footprint
+from torch_pruning_ext.experiments.unstructured import global_magnitude_prune, make_permanent, weight_sparsity
 
 
 def test_footprint_is_exact_for_a_model_known_by_hand():

@@ -4,10 +4,10 @@ import zipfile
 import pytest
 import torch
 
-from torch_pruning_ext.checkpoints import CheckpointError, load_model, resolve_checkpoint
-from torch_pruning_ext.data import dataset_info, load_bundled_fashion_mnist, load_split, normalize
-from torch_pruning_ext.models import build_model
-from torch_pruning_ext.results import read_rows
+from torch_pruning_ext.experiments.checkpoints import CheckpointError, load_model, resolve_checkpoint
+from torch_pruning_ext.experiments.data import dataset_info, load_bundled_fashion_mnist, load_split, normalize
+from torch_pruning_ext.experiments.models import build_model
+from torch_pruning_ext.experiments.results import read_rows
 
 
 def test_cli_end_to_end_writes_csv_and_json(tiny_data, checkpoints, run_main, tmp_path):
@@ -144,8 +144,8 @@ def test_bundled_fashion_mnist_layout_and_normalisation():
 @pytest.mark.parametrize("name, groups, criterion", [("vgg11_bn", [0, 3, 7], "l1"), ("resnet18", [0, 5, 11], "l1"),
                                                      ("vgg11_bn", [0, 3, 7], "taylor")])
 def test_prefix_reuse_gives_identical_numbers(tiny_data, name, groups, criterion):
-    from torch_pruning_ext.protocol import Protocol, Settings
-    from tests.conftest import randomize_batchnorms
+    from torch_pruning_ext.experiments.protocol import Protocol, Settings
+    from tests.helpers import randomize_batchnorms
     torch.manual_seed(0)
     model = randomize_batchnorms(build_model(name, 10))
     test = load_split("fashion-mnist", "test", tiny_data)
@@ -170,7 +170,7 @@ def test_prefix_reuse_gives_identical_numbers(tiny_data, name, groups, criterion
 
 
 def test_fast_layout_keeps_outputs_and_restores_the_model(make_model):
-    from torch_pruning_ext.evaluation import fast_layout, predictions
+    from torch_pruning_ext.experiments.evaluation import fast_layout, predictions
     model = make_model("resnet18")
     inputs = torch.randn(30, 3, 32, 32)
     with torch.no_grad():

@@ -5,9 +5,8 @@ import pytest
 import torch
 import torch.nn as nn
 import torch_pruning as tp
-import torchvision
 
-from tests.conftest import randomize_batchnorms
+from tests.helpers import FirstOfPairs, make_twins
 from torch_pruning_ext import IntraFusionPruner, OptimalTransport, identity_map, list_groups
 from torch_pruning_ext.fusion import fuse_members, group_members, prune_channels
 from torch_pruning_ext.groups import full_group
@@ -51,15 +50,10 @@ def _plain_prune(model, example, root_name, pruned):
     graph.get_pruning_group(root, pruner.prune_out_channels, pruned).prune()
 
 
-def _tv_resnet18():
-    torch.manual_seed(0)
-    return randomize_batchnorms(torchvision.models.resnet18(num_classes=10))
-
-
-@pytest.mark.parametrize("builder, shape", [("vgg11_bn", 32), ("resnet18", 32), ("tv_resnet18", 64)])
-def test_identity_map_equals_plain_pruning_bitwise(make_model, builder, shape):
-    base = _tv_resnet18() if builder == "tv_resnet18" else make_model(builder)
-    example = torch.randn(1, 3, shape, shape)
+@pytest.mark.parametrize("builder", ["vgg11_bn", "resnet18"])
+def test_identity_map_equals_plain_pruning_bitwise(make_model, builder):
+    base = make_model(builder)
+    example = torch.randn(1, 3, 32, 32)
     fused = copy.deepcopy(base)
     pruner = IntraFusionPruner(fused, example, fold_bn="reference")
     plain = copy.deepcopy(fused)  # folded the same way, not yet pruned
@@ -80,31 +74,6 @@ def test_identity_map_equals_plain_pruning_bitwise(make_model, builder, shape):
         assert torch.equal(fused_state[key], plain_state[key]), key
 
 
-class FirstOfPairs(tp.importance.Importance):
-    """Channels 0..n/2-1 are important, their twins n/2..n-1 are not."""
-
-    def __call__(self, group):
-        n = len(group[0].idxs)
-        return torch.cat([torch.ones(n // 2) * 2, torch.ones(n - n // 2)])
-
-
-def _make_twins(model, pruner, index):
-    """Make channel c + n/2 an exact copy of channel c in every member of the group."""
-    group = full_group(pruner.graph, pruner.roots[index])
-    n = len(group[0].idxs)
-    half = n // 2
-    with torch.no_grad():
-        for member in group_members(group, n, pruner.names):
-            if member.role == "slice":
-                continue
-            source, twin = member.positions[:half].flatten(), member.positions[half:].flatten()
-            if member.role == "producer":
-                member.module.weight[twin] = member.module.weight[source]
-                member.module.bias[twin] = member.module.bias[source]
-            else:
-                member.module.weight[:, twin] = member.module.weight[:, source]
-
-
 @pytest.mark.parametrize("name, index", [("vgg11_bn", 2), ("resnet18", 0), ("resnet18", 9), ("resnet18", 4)])
 def test_function_preserving_merges_twins_exactly(make_model, name, index):
     x = torch.randn(4, 3, 32, 32)
@@ -112,7 +81,7 @@ def test_function_preserving_merges_twins_exactly(make_model, name, index):
     for rule in ("function_preserving", "reference"):
         model = make_model(name)
         pruner = IntraFusionPruner(model, x[:1], importance=FirstOfPairs(), fold_bn="exact")
-        _make_twins(model, pruner, index)
+        make_twins(model, pruner, index)
         before = model(x)
         result = pruner.prune([index], 0.5, OptimalTransport(), fusion_rule=rule)[0]
         assert result.fused and len(result.pruned) == result.channels // 2
@@ -211,34 +180,6 @@ def test_non_finite_weights_are_refused(make_model):
         pruner.prune([1], 0.5, OptimalTransport())
 
 
-def test_torchvision_resnet50_end_to_end():
-    torch.manual_seed(0)
-    model = randomize_batchnorms(torchvision.models.resnet50(num_classes=10))
-    x = torch.randn(2, 3, 64, 64)
-    pruner = IntraFusionPruner(model, x[:1])
-    indices = [0, 1, pruner.num_groups - 1]
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # no group falls back (the rule that warns on several groups is not used)
-        results = pruner.prune(indices, 0.5, OptimalTransport(), fusion_rule="function_preserving")
-    assert all(r.fused for r in results)
-    out = model(x)
-    assert out.shape == (2, 10) and torch.isfinite(out).all()
-
-
-def test_torchvision_mobilenet_v2_fuses_depthwise_groups():
-    torch.manual_seed(0)
-    model = randomize_batchnorms(torchvision.models.mobilenet_v2(num_classes=10))
-    x = torch.randn(2, 3, 64, 64)
-    pruner = IntraFusionPruner(model, x[:1])
-    depthwise = [i for i, info in enumerate(pruner.groups())
-                 if any(isinstance(dict(model.named_modules())[name], nn.Conv2d)
-                        and dict(model.named_modules())[name].groups > 1 for name, _ in info.members)]
-    assert depthwise
-    results = pruner.prune(depthwise[:3] + [0], 0.5, OptimalTransport(), fusion_rule="function_preserving")
-    assert all(r.fused for r in results)
-    assert model(x).shape == (2, 10) and torch.isfinite(model(x)).all()
-
-
 class WithLayerNorm(nn.Module):
     def __init__(self):
         super().__init__()
@@ -280,13 +221,21 @@ class _LayerScale(nn.Module):
         return self.head(self.conv2(self.conv1(x) * self.layer_scale.view(1, -1, 1, 1)).mean((2, 3)))
 
 
-def test_a_bare_parameter_is_named_in_the_fallback_message_not_printed():
+def test_a_per_channel_scale_parameter_is_fused_along_the_map():
+    torch.manual_seed(0)
     model = _LayerScale().eval()
-    pruner = IntraFusionPruner(model, torch.randn(1, 3, 8, 8), fold_bn=None)
-    with pytest.warns(UserWarning, match="because of layer_scale: a bare nn.Parameter") as caught:
-        results = pruner.prune("all", 0.5, OptimalTransport(), fusion_rule="function_preserving")
-    assert all(len(str(w.message)) < 200 for w in caught)
-    assert [r.fallback_reason for r in results if r.fallback_reason] == ["layer_scale: a bare nn.Parameter"]
+    with torch.no_grad():  # channels 4..7 are exact twins of 0..3, including their layer_scale entries
+        model.conv1.weight[4:] = model.conv1.weight[:4]
+        model.conv1.bias[4:] = model.conv1.bias[:4]
+        model.layer_scale[4:] = model.layer_scale[:4]
+    x = torch.randn(3, 3, 8, 8)
+    before = model(x)
+    pruner = IntraFusionPruner(model, x[:1], importance=FirstOfPairs())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback
+        result, = pruner.prune([1], 0.5, OptimalTransport(), fusion_rule="function_preserving")
+    assert result.fused and model.layer_scale.shape == (4,)
+    assert (model(x) - before).abs().max() < 1e-5
 
 
 def test_the_reference_rule_on_several_groups_warns():

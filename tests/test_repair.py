@@ -3,7 +3,7 @@ import copy
 import pytest
 import torch
 
-from tests.test_pruner import FirstOfPairs, _make_twins
+from tests.helpers import FirstOfPairs, make_twins
 from torch_pruning_ext import IntraFusionPruner, OptimalTransport, fold_batchnorms, load_pruned, save_pruned
 from torch_pruning_ext.repair import layer_statistics, repair_with_data, repair_without_data
 
@@ -63,7 +63,7 @@ def test_datafree_repair_undoes_twin_scaling(make_model, rule):
     x = torch.randn(4, 3, 32, 32)
     folded = copy.deepcopy(original)
     pruner = IntraFusionPruner(folded, x[:1], importance=FirstOfPairs(), fold_bn="exact")
-    _make_twins(folded, pruner, 2)
+    make_twins(folded, pruner, 2)
     # the unfolded original must describe the same twins: give the twin BN the same statistics
     half = 256
     for bn_name in ("features.19",):

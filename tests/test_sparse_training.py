@@ -2,13 +2,13 @@
 import pytest
 import torch
 
-from tests.test_footprint_unstructured import Chain
+from tests.helpers import Chain
 from torch_pruning_ext import IntraFusionPruner, OptimalTransport
-from torch_pruning_ext.data import DatasetInfo, ImageSet
+from torch_pruning_ext.experiments.data import DatasetInfo, ImageSet
 from torch_pruning_ext.importance import GateImportance
-from torch_pruning_ext.sparse_training import (add_gates, add_thresholds, fold_parametrizations, gate_penalty,
+from torch_pruning_ext.experiments.sparse_training import (add_gates, add_thresholds, fold_parametrizations, gate_penalty,
                                                gate_values, layer_sparsity, modelled_sparsity, sparsity_loss)
-from torch_pruning_ext.training import train
+from torch_pruning_ext.experiments.training import train
 
 INFO = DatasetInfo("toy", 5, (0.5,) * 3, (0.25,) * 3)
 

@@ -6,8 +6,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 import report  # noqa: E402
 import sweep  # noqa: E402
-from torch_pruning_ext.protocol import Protocol  # noqa: E402
-from torch_pruning_ext.results import read_rows  # noqa: E402
+from torch_pruning_ext.experiments.protocol import Protocol  # noqa: E402
+from torch_pruning_ext.experiments.results import read_rows  # noqa: E402
 
 MEASURED = ("prune_seconds",)
 

@@ -5,8 +5,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 import train_sparse  # noqa: E402
-from torch_pruning_ext.checkpoints import load_model  # noqa: E402
-from torch_pruning_ext.results import read_rows  # noqa: E402
+from torch_pruning_ext.experiments.checkpoints import load_model  # noqa: E402
+from torch_pruning_ext.experiments.results import read_rows  # noqa: E402
 
 
 def run(method, tiny_data, checkpoints, out, *extra):

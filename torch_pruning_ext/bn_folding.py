@@ -12,6 +12,8 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 
+from .groups import trace_graph
+
 FOLD_MODES = ("exact", "reference")
 _FOLDABLE_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Linear)
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
@@ -81,7 +83,7 @@ def fold_batchnorms(model: nn.Module, example_inputs, mode: str = "exact",
     if mode not in FOLD_MODES:
         raise ValueError(f"unknown BatchNorm fold mode {mode!r}; choose one of: {', '.join(FOLD_MODES)}")
     if graph is None:
-        graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs, verbose=False)
+        graph = trace_graph(model, example_inputs)
     names = {module: name for name, module in model.named_modules()}
     folded = []
     for layer, bn in foldable_pairs(graph):

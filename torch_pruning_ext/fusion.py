@@ -25,15 +25,40 @@ _BN_FNS = {F.prune_batchnorm_out_channels, F.prune_batchnorm_in_channels}
 
 @dataclass
 class Member:
-    """One parameterised layer of a group and where each group channel sits in it.
+    """One parameterised member of a group and where each group channel sits in it.
 
-    positions[c] lists the indices along the pruned dimension that belong to group channel c
-    (more than one when a flatten replicates a channel into several Linear inputs).
+    positions[c] lists the indices along `dim` that belong to group channel c (more than one when a
+    flatten replicates a channel into several Linear inputs). Roles: "producer" (out-channel rows),
+    "consumer" (in-channel columns), "affine" (per-channel vectors such as an unfolded BatchNorm's
+    statistics or a layer_scale parameter, merged as mass-weighted averages) and "slice" (an identity
+    BatchNorm, e.g. after folding, that is only sliced).
     """
     name: str
-    module: nn.Module
-    role: str  # "producer" (out-channel rows), "consumer" (in-channel columns) or "slice" (identity BN)
+    module: nn.Module | nn.Parameter
+    role: str
     positions: torch.Tensor  # (n, replicas) long
+    dim: int = 0
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The tensors this member mixes along `dim` (their gradients follow the weights)."""
+        if self.role == "slice":
+            return []
+        if isinstance(self.module, nn.Parameter):
+            return [self.module]
+        if self.role == "affine":
+            names = ("weight", "bias", "running_mean", "running_var")
+        else:
+            names = ("weight", "bias") if self.role == "producer" else ("weight",)
+        return [t for t in (getattr(self.module, name, None) for name in names) if t is not None]
+
+    @property
+    def conv_groups(self) -> int:
+        """Blocks of a grouped (not depthwise) convolution consumer, 1 otherwise: its weight holds
+        in_channels / groups columns, and the column of input c serves only the rows of c's block."""
+        module = self.module
+        if self.role == "consumer" and isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1:
+            return module.groups
+        return 1
 
 
 class UnsupportedGroup(Exception):
@@ -62,35 +87,32 @@ def group_members(group, n: int, names: dict, strict: bool = True) -> list[Membe
         module, fn = item.dep.target.module, item.dep.handler
         name = names.get(module, f"<unnamed {type(module).__name__}>")
         try:
-            role, positions = _classify(module, fn, name, item, n)
+            role, positions, dim = _classify(module, fn, name, item, n)
         except UnsupportedGroup:
             if strict:
                 raise
             continue
         if role is not None:
-            members.append(Member(name, module, role, positions))
+            members.append(Member(name, module, role, positions, dim))
     return members
 
 
 def _classify(module, fn, name: str, item, n: int):
-    """(role, positions) of one group item; role None for weightless nodes (reshape, add, ...)."""
+    """(role, positions, dim) of one group item; role None for weightless nodes (reshape, add, ...)."""
     if isinstance(module, nn.Parameter):
-        raise UnsupportedGroup(f"{name}: a bare nn.Parameter")
+        dim = getattr(item.dep.target, "pruning_dim", -1) % module.dim()
+        return "affine", _positions(item.idxs, item.root_idxs, n, name), dim
     if fn not in _BN_FNS and next(module.parameters(recurse=False), None) is None:
-        return None, None
+        return None, None, 0
     if getattr(module, "transposed", False):
         raise UnsupportedGroup(f"{name}: transposed convolution")
     positions = _positions(item.idxs, item.root_idxs, n, name)
     if fn in _PRODUCER_FNS:
-        return "producer", positions
+        return "producer", positions, 0
     if fn in _CONSUMER_FNS:
-        if isinstance(module, nn.modules.conv._ConvNd) and module.groups != 1:
-            raise UnsupportedGroup(f"{name}: grouped convolution (groups={module.groups}) input")
-        return "consumer", positions
+        return "consumer", positions, 1
     if fn in _BN_FNS:
-        if not is_channel_uniform(module):
-            raise UnsupportedGroup(f"{name}: BatchNorm that is not folded (not channel-uniform)")
-        return "slice", positions
+        return ("slice" if is_channel_uniform(module) else "affine"), positions, 0
     raise UnsupportedGroup(f"{name}: {type(module).__name__} via {getattr(fn, '__name__', fn)}")
 
 
@@ -114,10 +136,22 @@ def layer_roles(group, n: int, names: dict) -> tuple[dict[str, torch.Tensor], li
     return producers, consumers
 
 
+def _grouped_cells(member: Member, channels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, column) of a grouped-conv consumer's weight that serve each of `channels`:
+    rows (len, out_channels / groups) and column (len,)."""
+    module, blocks = member.module, member.conv_groups
+    width, height = module.in_channels // blocks, module.out_channels // blocks
+    position = member.positions[channels, 0]
+    rows = (position // width)[:, None] * height + torch.arange(height)
+    return rows, position % width
+
+
 def _rows(member: Member, tensor: torch.Tensor) -> torch.Tensor:
-    """(n, replicas, rest) view of a weight's channel slices along its pruned dimension."""
-    dim = 0 if member.role == "producer" else 1
-    moved = tensor.movedim(dim, 0)
+    """(n, replicas, rest) view of a tensor's channel slices along the member's channel dimension."""
+    if member.conv_groups > 1 and tensor.dim() > 1:
+        rows, column = _grouped_cells(member, torch.arange(len(member.positions)))
+        return tensor[rows, column[:, None]].reshape(len(column), 1, -1)
+    moved = tensor.movedim(member.dim if tensor.dim() > 1 else 0, 0)
     picked = moved[member.positions.flatten()]
     return picked.reshape(member.positions.shape[0], member.positions.shape[1], -1)
 
@@ -164,44 +198,52 @@ def identity_map(n: int, kept: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def _mix_into(member: Member, tensor: torch.Tensor, mix: torch.Tensor, kept: torch.Tensor) -> None:
     """Write mix @ (channel slices of tensor) into the slices of the kept channels, in place."""
-    dim = 0 if member.role == "producer" or tensor.dim() == 1 else 1
-    rows = _rows(member, tensor) if tensor.dim() > 1 else tensor[member.positions.flatten()].view(
-        member.positions.shape[0], member.positions.shape[1], 1)
-    fused = torch.einsum("jn,nrd->jrd", mix.to(tensor.dtype), rows)
+    fused = torch.einsum("jn,nrd->jrd", mix.to(tensor.dtype), _rows(member, tensor))
+    if member.conv_groups > 1 and tensor.dim() > 1:
+        rows, column = _grouped_cells(member, kept)
+        tensor[rows, column[:, None]] = fused.reshape(rows.shape + tensor.shape[2:])
+        return
     target = member.positions[kept].flatten()
-    moved = tensor.movedim(dim, 0)
+    moved = tensor.movedim(member.dim if tensor.dim() > 1 else 0, 0)
     moved[target] = fused.reshape((len(target),) + moved.shape[1:])
+
+
+def averaging_map(producer_map: torch.Tensor) -> torch.Tensor:
+    """Rows summing to one: each kept channel's per-channel statistics become the weighted average
+    of those merged into it (equal to the producer map under the function-preserving rule)."""
+    total = producer_map.sum(dim=1, keepdim=True)
+    return torch.where(total > 0, producer_map / torch.where(total > 0, total, 1), 0)
 
 
 def fuse_members(members: list[Member], kept: torch.Tensor, producer_map: torch.Tensor,
                  consumer_map: torch.Tensor) -> None:
-    """Apply the maps to every Conv/Linear member (weights, biases and their gradients)."""
+    """Apply the maps to every member: weights, biases, per-channel statistics and their gradients."""
+    maps = {"producer": producer_map, "consumer": consumer_map, "affine": averaging_map(producer_map)}
     for member in members:
-        if member.role == "slice":
-            continue
-        mix = producer_map if member.role == "producer" else consumer_map
-        params = [member.module.weight]
-        if member.role == "producer" and member.module.bias is not None:
-            params.append(member.module.bias)
-        for param in params:
-            _mix_into(member, param.data, mix, kept)
-            if param.grad is not None:
-                _mix_into(member, param.grad, mix, kept)
+        for tensor in member.tensors():
+            _mix_into(member, tensor.data, maps[member.role], kept)
+            if getattr(tensor, "grad", None) is not None:
+                _mix_into(member, tensor.grad, maps[member.role], kept)
 
 
 @torch.no_grad()
 def zero_channels(members: list[Member], pruned: torch.Tensor) -> None:
     """Zero the pruned channels' rows, biases and columns (dimensionality-preserving pruning)."""
     for member in members:
-        if member.role == "slice":
+        if member.role not in ("producer", "consumer"):
+            continue
+        weight = member.module.weight.data
+        if member.conv_groups > 1:
+            rows, column = _grouped_cells(member, pruned)
+            weight[rows, column[:, None]] = 0
             continue
         where = member.positions[pruned].flatten()
         if member.role == "producer":
-            member.module.weight.data[where] = 0
+            weight[where] = 0
             if member.module.bias is not None:
                 member.module.bias.data[where] = 0
         else:
-            member.module.weight.data[:, where] = 0
+            weight[:, where] = 0
 
 
 def group_root(group) -> tuple[nn.Module, object]:

@@ -11,6 +11,8 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 
+from .modes import eval_mode
+
 ROOT_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
 
 
@@ -89,9 +91,45 @@ def describe_groups(model: nn.Module, graph: tp.DependencyGraph, roots) -> list[
     return infos
 
 
-def list_groups(model: nn.Module, example_inputs: torch.Tensor, ignored_layers=None) -> list[GroupInfo]:
-    """Index, root layer, member layers and channel count of every numbered group of `model`."""
-    graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs, verbose=False)
+def _shape(inputs) -> str:
+    if isinstance(inputs, torch.Tensor):
+        return "x".join(map(str, inputs.shape))
+    if isinstance(inputs, (list, tuple)):
+        return "(" + ", ".join(_shape(item) for item in inputs) + ")"
+    return type(inputs).__name__
+
+
+# Layers torch-pruning's graph build cannot handle: it recurses through the shifted windows'
+# index arithmetic until memory runs out (measured past 16 GB on swin_t), so refuse before tracing.
+UNTRACEABLE = {"ShiftedWindowAttention": "shifted-window attention (Swin)",
+               "ShiftedWindowAttentionV2": "shifted-window attention (Swin V2)"}
+
+
+def trace_graph(model: nn.Module, example_inputs) -> tp.DependencyGraph:
+    """torch-pruning's dependency graph of `model`, traced in eval mode (tracing in train mode would
+    update BatchNorm statistics) with autograd on (the tracer needs it, even inside torch.no_grad())."""
+    for name, module in model.named_modules():
+        if type(module).__name__ in UNTRACEABLE:
+            raise ValueError(f"torch-pruning cannot build the dependency graph of {name} "
+                             f"({UNTRACEABLE[type(module).__name__]}); this model cannot be pruned structurally")
+    try:
+        with eval_mode(model), torch.enable_grad():
+            return tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs, verbose=False)
+    except ZeroDivisionError as error:  # e.g. a channel shuffle (ShuffleNet): a view torch-pruning cannot map
+        raise ValueError(f"torch-pruning cannot build the dependency graph of {type(model).__name__} "
+                         f"(its graph build fails with ZeroDivisionError: {error}); typical of channel-shuffle "
+                         "views, which torch-pruning does not support") from error
+    except (RuntimeError, TypeError, ValueError, IndexError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"the model does not run on example inputs of shape {_shape(example_inputs)}: "
+                         f"{first}") from error
+
+
+def list_groups(model: nn.Module, example_inputs: torch.Tensor, ignored_layers=None,
+                graph: tp.DependencyGraph | None = None) -> list[GroupInfo]:
+    """Index, root layer, member layers and channel count of every numbered group of `model`
+    (pass the `graph` of a pruner or an earlier trace to avoid tracing again)."""
+    graph = graph if graph is not None else trace_graph(model, example_inputs)
     if ignored_layers is None:
         ignored_layers = output_layers(graph)
     return describe_groups(model, graph, numbered_roots(model, graph, ignored_layers))

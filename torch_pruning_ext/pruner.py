@@ -12,12 +12,12 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
-import torch_pruning as tp
 
 from .bn_folding import FOLD_MODES, FoldedPair, fold_batchnorms
+from .conv_blocks import block_coupling, block_pruned, channel_blocks
 from .fusion import (UnsupportedGroup, channel_features, fuse_members, group_members, layer_roles,
                      prune_channels, transport_maps, zero_channels, FUSION_RULES)
-from .groups import GroupInfo, describe_groups, full_group, numbered_roots, output_layers
+from .groups import GroupInfo, describe_groups, trace_graph, full_group, numbered_roots, output_layers
 from .importance import build_importance, needs_data
 from .optimal_transport import OptimalTransport
 
@@ -54,7 +54,9 @@ class IntraFusionPruner:
     model: pruned in place. example_inputs: a batch used to trace the dependency graph.
     importance: criterion name (see importance.CRITERIA) or a torch-pruning Importance.
     ignored_layers: layers whose out-channels are never pruned (default: those feeding the output).
-    fold_bn: "exact", "reference" (the released code's fold) or None (do not fold).
+    fold_bn: None (default: the model's BatchNorms are left as they are; unfolded ones are fused
+    along the transport map) or "exact" / "reference" to fold them into the preceding layers first,
+    as the paper does (the same as calling fold_batchnorms before).
     calibration_batches: (inputs, labels) batches for data-driven criteria (taylor, chip).
     score_cache: a dict shared by pruners of identical copies of one model (same criterion and
     batches): the data-driven criteria's scores of groups measured before the model changes are
@@ -62,7 +64,7 @@ class IntraFusionPruner:
     """
 
     def __init__(self, model: nn.Module, example_inputs: torch.Tensor, importance="l1",
-                 ignored_layers=None, fold_bn: str | None = "exact", calibration_batches=None,
+                 ignored_layers=None, fold_bn: str | None = None, calibration_batches=None,
                  score_cache: dict | None = None):
         if fold_bn is not None and fold_bn not in FOLD_MODES:
             raise ValueError(f"unknown fold_bn {fold_bn!r}; choose one of: {', '.join(FOLD_MODES)}, or None")
@@ -73,12 +75,7 @@ class IntraFusionPruner:
         self.calibration_batches = calibration_batches or []
         self.score_cache = score_cache if needs_data(self.importance) else None
         self.changed = False  # whether a group was pruned: cached scores no longer describe the model
-        was_training = model.training
-        model.eval()  # tracing in train mode would update BatchNorm statistics
-        try:
-            self.graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs, verbose=False)
-        finally:
-            model.train(was_training)
+        self.graph = trace_graph(model, example_inputs)
         self.folded: list[FoldedPair] = (fold_batchnorms(model, example_inputs, fold_bn, graph=self.graph)
                                          if fold_bn else [])
         if ignored_layers is None:
@@ -113,9 +110,10 @@ class IntraFusionPruner:
             return self.score_cache[index].clone()
         if group is None:
             group = full_group(self.graph, self.roots[index])
-        if callable(getattr(self.importance, "prepare", None)):
-            self.importance.prepare(self.model, group, self.calibration_batches)
-        scores = self.importance(group)
+        with torch.enable_grad():  # the data-driven criteria back-propagate, even when called under no_grad
+            if callable(getattr(self.importance, "prepare", None)):
+                self.importance.prepare(self.model, group, self.calibration_batches)
+            scores = self.importance(group)
         if scores is None:
             raise ValueError(f"importance {type(self.importance).__name__} gave no score for group rooted at "
                              f"{self.names.get(group[0].dep.target.module)}")
@@ -158,6 +156,7 @@ class IntraFusionPruner:
                                              dimensionality_preserving, plan.get(index)))
             if progress is not None:
                 progress(done, len(indices))
+        _sync_width_attributes(self.model)
         return results
 
     def _global_plan(self, indices, sparsity, cap=None) -> dict[int, list[int]]:
@@ -180,11 +179,18 @@ class IntraFusionPruner:
         group = full_group(self.graph, self.roots[index])
         n = len(group[0].idxs)
         check_finite_group(group, self.names)
+        blocks = channel_blocks(group, n, self.names)
         if planned is None:
             scores = self._scores(index, group)
-            pruned = scores.argsort(stable=True)[: n - kept_count(n, sparsity)].tolist()
+            if blocks > 1:
+                width = n // blocks
+                pruned = block_pruned(scores, blocks, width - kept_count(width, sparsity))
+            else:
+                pruned = scores.argsort(stable=True)[: n - kept_count(n, sparsity)].tolist()
         else:
-            scores, pruned = (self._scores(index, group) if transport is not None else None), planned
+            scores, pruned = (self._scores(index, group) if transport is not None or blocks > 1 else None), planned
+            if blocks > 1:  # the global plan's share of this group, taken alike from every block
+                pruned = block_pruned(scores, blocks, min(n // blocks - 1, round(len(planned) / blocks)))
         seconds["importance"] = time.perf_counter() - started
         kept = torch.tensor(sorted(set(range(n)) - set(pruned)), dtype=torch.long)
         producers, consumers = layer_roles(group, n, self.names)
@@ -200,7 +206,9 @@ class IntraFusionPruner:
             else:
                 started = time.perf_counter()
                 roles = getattr(transport, "feature_roles", ("producer", "consumer"))
-                coupling = transport.coupling(channel_features(members, roles), scores, kept)
+                features = channel_features(members, roles)
+                coupling = (block_coupling(transport, features, scores, kept, blocks) if blocks > 1
+                            else transport.coupling(features, scores, kept))
                 producer_map, consumer_map = transport_maps(coupling, rule)
                 seconds["transport"] = time.perf_counter() - started
                 started = time.perf_counter()
@@ -227,6 +235,15 @@ class IntraFusionPruner:
             current = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
             origin = self.channel_origin.get(name, torch.arange(current))
             self.channel_origin[name] = origin[positions[kept].flatten()]
+
+
+def _sync_width_attributes(model: nn.Module) -> None:
+    """Size attributes that forward() reads but torch-pruning does not update: torchvision's
+    VisionTransformer reshapes with `hidden_dim`, which must follow its pruned class token."""
+    for module in model.modules():
+        token = getattr(module, "class_token", None)
+        if isinstance(getattr(module, "hidden_dim", None), int) and isinstance(token, torch.Tensor):
+            module.hidden_dim = token.shape[-1]
 
 
 def _capped_plan(scores: dict[int, torch.Tensor], budget: int, cap: float) -> dict[int, list[int]]:

@@ -1,7 +1,7 @@
 """Save a pruned model so that it loads back without the unpruned checkpoint.
 
-The file holds the state dict and how to build the architecture (a model name of this package, or
-the caller's builder at load time). Loading builds the architecture, shrinks every Conv/Linear/BN
+The file holds the state dict and how to build the architecture (a name registered with
+`register_builder`, or the caller's builder at load time). Loading builds the architecture, shrinks every Conv/Linear/BN
 to the shapes in the state dict, and loads the weights: an exact copy, as a plain nn.Module that can
 be pruned again.
 """
@@ -13,7 +13,6 @@ import torch
 import torch.nn as nn
 
 from .files import atomic_torch_save, check_writable_file
-from .models import MODEL_BUILDERS, build_model
 
 FORMAT = "torch_pruning_ext.pruned_model/1"
 
@@ -22,12 +21,26 @@ class NotAPrunedModel(ValueError):
     """The file is not a model saved by save_pruned."""
 
 
+# name -> builder(num_classes) returning the unpruned architecture. The library registers nothing;
+# projects (and this package's experiments layer) register their own names, so a saved file can name
+# its architecture without the loader importing code the file chooses.
+BUILDERS: dict = {}
+
+
+def register_builder(name: str, builder) -> None:
+    """Let save_pruned/load_pruned refer to `builder(num_classes)` by `name`."""
+    if not callable(builder):
+        raise TypeError(f"builder for {name!r} must be callable, got {type(builder).__name__}")
+    BUILDERS[name] = builder
+
+
 def save_pruned(model: nn.Module, path: str | Path, model_name: str | None = None, num_classes: int | None = None,
                 metadata: dict | None = None) -> None:
-    """Write `model` to `path` atomically. model_name/num_classes name a model of this package;
-    without them, load_pruned needs a `builder` that returns the unpruned architecture."""
-    if model_name is not None and model_name not in MODEL_BUILDERS:
-        raise ValueError(f"unknown model {model_name!r}; choose one of: {', '.join(MODEL_BUILDERS)}, or None")
+    """Write `model` to `path` atomically. model_name/num_classes name a registered builder
+    (register_builder); without them, load_pruned needs a `builder` returning the unpruned architecture."""
+    if model_name is not None and model_name not in BUILDERS:
+        raise ValueError(f"unknown model {model_name!r}; choose one of the registered builders "
+                         f"({', '.join(BUILDERS) or 'none registered'}) or None")
     check_writable_file(path, "pruned model file")
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     atomic_torch_save({"format": FORMAT, "model_name": model_name, "num_classes": num_classes,
@@ -60,7 +73,7 @@ def _resize(module: nn.Module, state: dict, prefix: str) -> None:
 
 def load_pruned(path: str | Path, builder=None, map_location="cpu") -> nn.Module:
     """Load a model written by save_pruned; `builder()` must return the unpruned architecture when
-    the file names no model of this package."""
+    the file names no registered builder."""
     try:
         saved = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:
@@ -70,8 +83,12 @@ def load_pruned(path: str | Path, builder=None, map_location="cpu") -> nn.Module
                               "save one with torch_pruning_ext.save_pruned")
     if builder is not None:
         model = builder()
+    elif saved["model_name"] in BUILDERS:
+        model = BUILDERS[saved["model_name"]](saved["num_classes"])
     elif saved["model_name"] is not None:
-        model = build_model(saved["model_name"], saved["num_classes"])
+        raise ValueError(f"{path} names the architecture {saved['model_name']!r}, which is not registered "
+                         f"(registered: {', '.join(BUILDERS) or 'none'}); call register_builder first "
+                         "(torch_pruning_ext.experiments registers its CIFAR models) or pass builder=")
     else:
         raise ValueError(f"{path} holds a {saved['class']}; pass builder=<function returning the unpruned model>")
     state = saved["state_dict"]

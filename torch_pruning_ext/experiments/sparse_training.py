@@ -17,9 +17,9 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.utils.parametrize as parametrize
-import torch_pruning as tp
 
-from .bn_folding import foldable_pairs
+from ..bn_folding import foldable_pairs
+from ..groups import trace_graph
 
 PRUNABLE = (nn.modules.conv._ConvNd, nn.Linear)
 ASL_MODES = ("fixed", "adaptive")
@@ -52,7 +52,7 @@ def add_gates(model: nn.Module, structured: bool = True, ignored=(), initial: fl
     """
     batchnorm_of = {}
     if structured and example_inputs is not None:
-        graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs, verbose=False)
+        graph = trace_graph(model, example_inputs)
         batchnorm_of = dict(foldable_pairs(graph))
     scores = []
     for name, layer in gated_layers(model, ignored):

@@ -6,7 +6,7 @@ import sys
 
 from .checkpoints import CheckpointError
 from .data import DatasetUnavailable
-from .pruner import check_sparsity
+from ..pruner import check_sparsity
 
 USER_ERRORS = (ValueError, CheckpointError, DatasetUnavailable)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch.nn as nn
 import torch.nn.utils.prune as prune
 
-from .pruner import check_sparsity
+from ..pruner import check_sparsity
 
 PRUNABLE = (nn.modules.conv._ConvNd, nn.Linear)
 

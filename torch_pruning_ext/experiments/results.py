@@ -7,7 +7,7 @@ import json
 from dataclasses import fields
 from pathlib import Path
 
-from .files import atomic_write_text, check_writable_file, file_lock
+from ..files import atomic_write_text, check_writable_file, file_lock
 from .protocol import RESULT_FIELDS, Settings
 
 FORMATS = (".csv", ".json")

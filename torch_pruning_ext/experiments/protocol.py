@@ -16,15 +16,15 @@ import torch_pruning as tp
 from .data import dataset_info, normalize
 from .evaluation import EVAL_BATCH_SIZE, accuracy
 from .footprint import dense_bytes, peak_activation_bytes
-from .groups import ROOT_TYPES, output_layers
-from .methods import METHODS, check_method, method_plan
-from .importance import DATA_CRITERIA, THINET_SAMPLES, build_importance
-from .optimal_transport import OptimalTransport
-from .pruner import IntraFusionPruner
-from .compress import check_schedule
-from .repair import (DATA_MODES, check_mode as check_repair, fused_row_maps, layer_statistics,
+from ..groups import ROOT_TYPES, output_layers
+from ..methods import METHODS, check_method, method_plan
+from ..importance import DATA_CRITERIA, THINET_SAMPLES, build_importance
+from ..optimal_transport import OptimalTransport
+from ..pruner import IntraFusionPruner
+from ..compress import check_schedule
+from ..repair import (DATA_MODES, check_mode as check_repair, fused_row_maps, layer_statistics,
                      repair_by_reconstruction, repair_variance, repair_with_data, repair_without_data)
-from .serialization import save_pruned
+from ..serialization import save_pruned
 from .staged import PrefixCache, first_stage, has_stages, run_stages
 from .training import train
 

@@ -5,9 +5,13 @@ numbering of the paper and the released ``model_state_dict`` files depend on, so
 """
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from ..serialization import register_builder
 
 VGG11_CONFIG = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
 
@@ -114,3 +118,7 @@ def build_model(name: str, num_classes: int) -> nn.Module:
     if int(num_classes) < 1:
         raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
     return MODEL_BUILDERS[name](int(num_classes))
+
+
+for _name in MODEL_BUILDERS:  # saved pruned models name these; load_pruned finds them once this module is imported
+    register_builder(_name, partial(build_model, _name))

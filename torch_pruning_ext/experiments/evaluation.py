@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .modes import as_fast_input, fast_layout
+from ..modes import as_fast_input, fast_layout
 
 # Measured on 2 CPU cores: batches of 100 in channels_last run VGG11-BN 1.2x and ResNet18 1.6x
 # faster than batches of 500 in the default layout (scripts/bench.py).

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .files import atomic_path
+from ..files import atomic_path
 from .models import build_model
 
 
