@@ -16,14 +16,12 @@ from torch_pruning_ext.experiments.checkpoints import load_model, resolve_checkp
 from torch_pruning_ext.experiments.cli import OneLineParser, choice, run_cli, sparsity
 from torch_pruning_ext.experiments.data import DATASETS, calibration_batches, calibration_set, dataset_info, load_split, normalize
 from torch_pruning_ext.experiments.evaluation import EVAL_BATCH_SIZE
-from torch_pruning_ext.groups import describe_groups
 from torch_pruning_ext.importance import CRITERIA, DATA_CRITERIA, THINET_SAMPLES
 from torch_pruning_ext.experiments.models import MODEL_BUILDERS
 from torch_pruning_ext.optimal_transport import PROBABILITIES, SOLVERS, TARGETS
-from torch_pruning_ext.experiments.protocol import (METHODS, REPAIR_SAMPLES, TAYLOR_BATCHES, Protocol, Settings, data_sizes,
-                                        repair_images)
+from torch_pruning_ext.experiments.protocol import (METHODS, REPAIR_SAMPLES, TAYLOR_BATCHES, Protocol, Settings,
+                                                    data_sizes, prepare, repair_images)
 from torch_pruning_ext.repair import DATA_MODES, REPAIR_MODES
-from torch_pruning_ext.pruner import IntraFusionPruner
 from torch_pruning_ext.files import check_writable_dir
 from torch_pruning_ext.experiments.results import check_results_file, format_table, write_rows
 from torch_pruning_ext.bn_folding import FOLD_MODES
@@ -117,13 +115,12 @@ def run(args) -> int:
     info = dataset_info(args.dataset)
     path = resolve_checkpoint(args.model_name, args.dataset, args.checkpoint, ROOT)
     loaded = load_model(path, args.model_name, args.dataset, info.num_classes)
-    example = torch.zeros(1, 3, 32, 32)
+    prepared = prepare(loaded.model, torch.zeros(1, 3, 32, 32), args.bn_fold)  # the run's one extra graph trace
     if args.list_groups:
-        pruner = IntraFusionPruner(loaded.model, example, fold_bn=None)
-        for group in describe_groups(loaded.model, pruner.graph, pruner.roots):
+        for group in prepared.groups:
             print(group.describe())
         return 0
-    count = IntraFusionPruner(loaded.model, example, fold_bn=None).num_groups
+    count = prepared.num_groups
     bad = [g for g in args.group_idxs if g != "all" and not 0 <= g < count]
     if bad:
         raise ValueError(f"group index {bad[0]} is not in {args.model_name}: valid indices are 0..{count - 1}")
@@ -151,11 +148,11 @@ def run(args) -> int:
                             **sizes[criterion], schedule=args.schedule, max_layer_sparsity=args.max_layer_sparsity)
         protocol = Protocol(loaded.model, settings, inputs, test.labels, batches, args.batch_size, device,
                             reuse=not args.no_reuse, save_dir=args.save_pruned, repair_inputs=repair_inputs,
-                            train_set=train_set, gates=loaded.gates)
+                            train_set=train_set, gates=loaded.gates, prepared=prepared)
         criterion_rows = [protocol.base_row()]
         cells = [(g, s, m) for g in args.group_idxs for s in args.sparsities for m in args.methods]
-        for group, s, method in tqdm(cells, desc=f"{args.model_name} {criterion}", unit="cell"):
-            criterion_rows.append(protocol.run_cell(group, s, method))
+        with tqdm(total=len(cells), desc=f"{args.model_name} {criterion}", unit="cell") as bar:
+            criterion_rows += protocol.run_cells(cells, progress=bar.update)
         print(f"\n{args.model_name} / {args.dataset} / {criterion}")
         print(format_table(criterion_rows, args.methods))
         rows += criterion_rows

@@ -169,6 +169,31 @@ def test_prefix_reuse_gives_identical_numbers(tiny_data, name, groups, criterion
     assert strip(rows[True]) == strip(rows[False])
 
 
+@pytest.mark.parametrize("name", ["vgg11_bn", "resnet18"])
+def test_prefix_cache_moving_forward_equals_starting_over(make_model, name):
+    from torch_pruning_ext.experiments.staged import PrefixCache, run_stages
+    model = make_model(name)
+    inputs = torch.randn(50, 3, 32, 32)
+    cache = PrefixCache(model, inputs, batch_size=20)
+    stages = len(model.stages())
+    for start in (1, 2, stages // 2, stages - 1, 3):  # forward, forward, forward, then back
+        assert torch.equal(cache.activations(start), run_stages(model, inputs, 0, start, 20)), start
+
+
+def test_run_cells_gives_the_rows_of_run_cell_in_the_order_asked(tiny_data, make_model):
+    from torch_pruning_ext.experiments.protocol import Protocol, Settings
+    test = load_split("fashion-mnist", "test", tiny_data)
+    inputs = normalize(test.images, dataset_info("fashion-mnist"))
+    cells = [(0, 0.5, "default"), (7, 0.5, "intra_fusion"), (3, 0.3, "default"), (7, 0.3, "default")]
+    protocol = Protocol(make_model("vgg11_bn"), Settings("vgg11_bn", "fashion-mnist", "l1"), inputs, test.labels)
+    starts = []
+    protocol.cache.activations = lambda start, seen=protocol.cache.activations: starts.append(start) or seen(start)
+    rows = protocol.run_cells(cells)
+    assert starts == sorted(starts) and len(set(starts)) == 3  # the cache only moved forward
+    strip = lambda r: {k: v for k, v in r.items() if k != "prune_seconds"}  # noqa: E731
+    assert [strip(r) for r in rows] == [strip(protocol.run_cell(*cell)) for cell in cells]
+
+
 def test_fast_layout_keeps_outputs_and_restores_the_model(make_model):
     from torch_pruning_ext.experiments.evaluation import fast_layout, predictions
     model = make_model("resnet18")
@@ -264,3 +289,15 @@ def test_data_sizes_name_their_rows(tiny_data, checkpoints, run_main, tmp_path):
     assert len(rows) == 6  # thinet: base + cell at each sample count; l1: base + cell, once
     code, _, err = run_main(*args, "--thinet-samples", 0)
     assert code == 2 and "thinet-samples must be a positive integer, got 0" in err
+
+
+def test_a_default_run_traces_the_graph_once_per_cell_plus_one(tiny_data, checkpoints, run_main, monkeypatch):
+    import torch_pruning as tp
+    traces = []
+    build = tp.DependencyGraph.build_dependency
+    monkeypatch.setattr(tp.DependencyGraph, "build_dependency",
+                        lambda self, *a, **k: traces.append(1) or build(self, *a, **k))
+    code, _, err = run_main("--checkpoint", checkpoints[("vgg11_bn", 10)], "--data-dir", tiny_data,
+                            "--group_idxs", 1, 2, "--sparsities", 0.3, 0.7)
+    assert code == 0, err
+    assert len(traces) == 2 * 2 * 2 + 1  # groups x sparsities x (default, intra_fusion), plus the fold

@@ -1,37 +1,150 @@
-"""Models nobody here wrote: torchvision builders with random weights and randomised BatchNorm."""
+"""Models nobody here wrote: torchvision builders with random weights and randomised BatchNorm
+(scripts/zoo.py builds them and writes docs/ZOO.md), plus small grouped-convolution models."""
+import copy
+import sys
 import warnings
+from pathlib import Path
 
+import pytest
 import torch
 import torch.nn as nn
-import torchvision
+import torch_pruning as tp
 
-from tests.helpers import randomize_batchnorms
 from torch_pruning_ext import IntraFusionPruner, OptimalTransport
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+import zoo  # noqa: E402
 
-def test_torchvision_resnet50_end_to_end():
-    torch.manual_seed(0)
-    model = randomize_batchnorms(torchvision.models.resnet50(num_classes=10))
-    x = torch.randn(2, 3, 64, 64)
+# what may make a group fall back: layers that mix channels (never BatchNorm or a scale parameter)
+ALLOWED_FALLBACKS = ("LayerNorm", "LayerNorm2d", "MultiheadAttention")
+SMALL = ["resnet18", "resnext50_32x4d", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "densenet121",
+         "googlenet", "squeezenet1_1", "mnasnet0_5", "regnet_x_400mf", "regnet_y_400mf", "convnext_tiny", "vit_tiny"]
+WIDE = ["wide_resnet50_2", "vgg11_bn", "alexnet"]  # 4096-wide or very wide layers: fusion takes longer
+
+
+class IdentityTransport:
+    """A coupling that moves every kept channel onto itself and nothing else: fusion = plain pruning."""
+
+    def coupling(self, features, importance, kept):
+        plan = torch.zeros(len(features), len(kept), dtype=torch.float64)
+        plan[kept, torch.arange(len(kept))] = 1.0
+        return plan
+
+
+@pytest.mark.parametrize("name", SMALL + WIDE)
+def test_whole_network_prunes_fuses_and_matches_metapruner(name):
+    default, fused = zoo.run_family(name, 0.5)
+    assert default["output_ok"] and fused["output_ok"], "forward shape or values broken"
+    assert fused["params_after"] == default["params_after"] < 0.5 * default["params_before"]
+    assert abs(fused["params_after"] / fused["metapruner_params"] - 1) < 0.01
+    reasons = [part.split(" x ", 1)[1] for part in fused["fallbacks"].split("; ") if part]
+    assert all(reason.split(" via ")[0] in ALLOWED_FALLBACKS for reason in reasons), reasons
+    assert fused["fused"] + sum(int(part.split(" x ")[0]) for part in fused["fallbacks"].split("; ") if part) \
+        == fused["groups"]
+
+
+@pytest.mark.parametrize("name", ["resnet18", "regnet_x_400mf", "densenet121", "convnext_tiny", "mobilenet_v3_small",
+                                  "vit_tiny"])
+def test_identity_map_equals_plain_pruning_bitwise(name):
+    builder, side = zoo.FAMILIES[name]
+    base = zoo.randomized(builder)
+    example = torch.randn(1, 3, side, side)
+    models = {}
+    for label, transport in (("plain", None), ("identity", IdentityTransport())):
+        model = copy.deepcopy(base)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            IntraFusionPruner(model, example).prune("all", 0.5, transport, fusion_rule="function_preserving")
+        models[label] = model.state_dict()
+    assert models["plain"].keys() == models["identity"].keys()
+    for key, value in models["plain"].items():
+        assert torch.equal(value, models["identity"][key]), key
+
+
+class Grouped(nn.Module):
+    """conv -> BN -> ReLU -> grouped conv (groups=2) -> BN -> ReLU -> conv, in 1-D or 2-D."""
+
+    def __init__(self, dims: int = 2):
+        super().__init__()
+        conv, bn = (nn.Conv2d, nn.BatchNorm2d) if dims == 2 else (nn.Conv1d, nn.BatchNorm1d)
+        self.body = nn.Sequential(conv(3, 8, 3, padding=1), bn(8), nn.ReLU(), conv(8, 8, 3, padding=1, groups=2),
+                                  bn(8), nn.ReLU(), conv(8, 6, 1))
+        self.head = nn.Linear(6, 4)
+
+    def forward(self, x):
+        return self.head(self.body(x).flatten(2).mean(2))
+
+
+def _grouped(dims: int, seed: int = 0) -> Grouped:
+    torch.manual_seed(seed)
+    model = zoo.randomized(lambda: Grouped(dims), seed)
+    return model
+
+
+class LocalFirstHalf(tp.importance.Importance):
+    """In every block of 4 channels, local positions 0, 1 matter and 2, 3 do not."""
+
+    def __call__(self, group):
+        n = len(group[0].idxs)
+        return torch.tensor([2.0, 2.0, 1.0, 1.0]).repeat(n // 4)
+
+
+def _silence(model, channels):
+    """Make body.0's channels output exactly zero after BN and ReLU."""
+    with torch.no_grad():
+        conv, bn = model.body[0], model.body[1]
+        for tensor in (conv.weight, conv.bias, bn.running_mean, bn.bias):
+            tensor[channels] = 0
+    return model
+
+
+@pytest.mark.parametrize("dims", [1, 2])
+def test_removing_zero_output_channels_of_a_grouped_conv_input_changes_no_logit(dims):
+    model = _silence(_grouped(dims), [2, 3, 6, 7])  # local positions 2, 3 of both blocks of the grouped conv
+    x = torch.randn(5, 3, *(16,) * dims)
+    with torch.no_grad():
+        before = model(x)
     pruner = IntraFusionPruner(model, x[:1])
-    indices = [0, 1, pruner.num_groups - 1]
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # no group falls back (the rule that warns on several groups is not used)
-        results = pruner.prune(indices, 0.5, OptimalTransport(), fusion_rule="function_preserving")
-    assert all(r.fused for r in results)
-    out = model(x)
-    assert out.shape == (2, 10) and torch.isfinite(out).all()
+    index = [info.root for info in pruner.groups()].index("body.0")
+    result, = pruner.prune([index], 0.5)
+    assert result.pruned == [2, 3, 6, 7]
+    assert model.body[3].in_channels == 4 and model.body[3].weight.shape[1] == 2
+    with torch.no_grad():
+        assert (model(x) - before).abs().max() < 1e-6
 
 
-def test_torchvision_mobilenet_v2_fuses_depthwise_groups():
-    torch.manual_seed(0)
-    model = randomize_batchnorms(torchvision.models.mobilenet_v2(num_classes=10))
-    x = torch.randn(2, 3, 64, 64)
+@pytest.mark.parametrize("dims", [1, 2])
+def test_pruning_a_grouped_conv_input_equals_silencing_the_same_channels(dims):
+    model = _grouped(dims, seed=3)
+    original = copy.deepcopy(model)
+    x = torch.randn(5, 3, *(16,) * dims)
     pruner = IntraFusionPruner(model, x[:1])
-    depthwise = [i for i, info in enumerate(pruner.groups())
-                 if any(isinstance(dict(model.named_modules())[name], nn.Conv2d)
-                        and dict(model.named_modules())[name].groups > 1 for name, _ in info.members)]
-    assert depthwise
-    results = pruner.prune(depthwise[:3] + [0], 0.5, OptimalTransport(), fusion_rule="function_preserving")
-    assert all(r.fused for r in results)
-    assert model(x).shape == (2, 10) and torch.isfinite(model(x)).all()
+    index = [info.root for info in pruner.groups()].index("body.0")
+    result, = pruner.prune([index], 0.5)
+    assert len(result.pruned) == 4
+    assert [c for c in result.pruned if c < 4] == [c - 4 for c in result.pruned if c >= 4]  # alike in both blocks
+    with torch.no_grad():
+        assert (model(x) - _silence(original, result.pruned)(x)).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("dims", [1, 2])
+@pytest.mark.parametrize("root", ["body.0", "body.3"])
+def test_twins_within_conv_blocks_merge_exactly_under_the_function_preserving_rule(dims, root):
+    model = _grouped(dims)
+    with torch.no_grad():  # local channels 2, 3 of each block of 4 are twins of 0, 1 (weights, bias, BN)
+        conv, bn = dict(model.named_modules())[root], model.body[1 if root == "body.0" else 4]
+        for block in (0, 4):
+            for source, twin in ((block, block + 2), (block + 1, block + 3)):
+                conv.weight[twin] = conv.weight[source]
+                conv.bias[twin] = conv.bias[source]
+                for tensor in (bn.weight, bn.bias, bn.running_mean, bn.running_var):
+                    tensor[twin] = tensor[source]
+    x = torch.randn(5, 3, *(16,) * dims)
+    with torch.no_grad():
+        before = model(x)
+    pruner = IntraFusionPruner(model, x[:1], importance=LocalFirstHalf())
+    index = [info.root for info in pruner.groups()].index(root)
+    result, = pruner.prune([index], 0.5, OptimalTransport(), fusion_rule="function_preserving")
+    assert result.fused and sorted(result.pruned) == [2, 3, 6, 7]
+    with torch.no_grad():
+        assert (model(x) - before).abs().max() < 1e-5

@@ -16,10 +16,11 @@ import torch_pruning as tp
 from .data import dataset_info, normalize
 from .evaluation import EVAL_BATCH_SIZE, accuracy
 from .footprint import dense_bytes, peak_activation_bytes
-from ..groups import ROOT_TYPES, output_layers
+from ..groups import ROOT_TYPES, list_groups, output_layers, trace_graph
 from ..methods import METHODS, check_method, method_plan
 from ..importance import DATA_CRITERIA, THINET_SAMPLES, build_importance
 from ..optimal_transport import OptimalTransport
+from ..bn_folding import fold_batchnorms
 from ..pruner import IntraFusionPruner
 from ..compress import check_schedule
 from ..repair import (DATA_MODES, check_mode as check_repair, fused_row_maps, layer_statistics,
@@ -125,11 +126,38 @@ def repair_images(pool, info, count: int, seed: int) -> torch.Tensor:
     return normalize(pool.images[order], info)
 
 
+@dataclass
+class PreparedModel:
+    """A trained model with its BatchNorms folded, traced once: what every cell starts from."""
+    folded: nn.Module
+    bn_fold: str | None
+    batchnorm_of: dict  # layer name -> name of the BatchNorm folded into it
+    ignored_names: list  # layers feeding the output, never pruned
+    groups: list  # GroupInfo of every numbered group
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.groups)
+
+
+def prepare(model: nn.Module, example: torch.Tensor, bn_fold: str | None) -> PreparedModel:
+    """Fold a copy of `model` (the input is not changed) and list its groups, with one graph trace."""
+    folded = copy.deepcopy(model).eval()
+    graph = trace_graph(folded, example)
+    pairs = fold_batchnorms(folded, example, bn_fold, graph=graph) if bn_fold else []
+    names = {module: name for name, module in folded.named_modules()}
+    ignored = output_layers(graph)
+    return PreparedModel(folded, bn_fold, {pair.layer: pair.batchnorm for pair in pairs},
+                         [names[layer] for layer in ignored], list_groups(folded, example, ignored, graph=graph))
+
+
 class Protocol:
     """Runs cells on copies of one trained model; the folded model is built once and cloned.
 
     reuse: evaluate each pruned copy from the cached activation of the layers before the pruned
     group (models with ``stages()``), which gives the same numbers as a full forward pass.
+    prepared: the folded model and its groups (`prepare`), shared by protocols of one model and fold
+    so the graph is traced once for them all.
     prefix_cache: the cache of another Protocol on the same model, test inputs and BatchNorm fold
     (e.g. the same cells under another repair mode), to share its work instead of building one.
     score_cache: likewise the score cache of another Protocol on the same model, criterion and
@@ -139,7 +167,8 @@ class Protocol:
     def __init__(self, model: nn.Module, settings: Settings, test_inputs: torch.Tensor, test_labels: torch.Tensor,
                  calibration_batches=None, batch_size: int = EVAL_BATCH_SIZE, device="cpu", reuse: bool = True,
                  save_dir=None, repair_inputs: torch.Tensor | None = None, train_set=None, gates=None,
-                 prefix_cache: PrefixCache | None = None, score_cache: dict | None = None):
+                 prefix_cache: PrefixCache | None = None, score_cache: dict | None = None,
+                 prepared: PreparedModel | None = None):
         self.settings = settings
         self.model = model.eval()
         self.inputs, self.labels = test_inputs, test_labels
@@ -159,13 +188,15 @@ class Protocol:
         self.train_set = train_set
         self.gates = gates
         self._importance()  # a bad criterion or missing gates fail here
-        self.folded = copy.deepcopy(model).eval()
-        folding = IntraFusionPruner(self.folded, self.example, fold_bn=settings.bn_fold)  # one graph trace
-        self.batchnorm_of = {pair.layer: pair.batchnorm for pair in folding.folded}
-        self.ignored_names = [folding.names[layer] for layer in output_layers(folding.graph)]
-        groups = folding.groups()
-        self.num_groups = len(groups)
-        self.member_names = [[name for name, _ in info.members] for info in groups]
+        if prepared is None:
+            prepared = prepare(model, self.example, settings.bn_fold)
+        elif prepared.bn_fold != settings.bn_fold:
+            raise ValueError(f"the prepared model was folded with bn_fold={prepared.bn_fold!r}, "
+                             f"the settings ask for {settings.bn_fold!r}")
+        self.folded = prepared.folded  # cells prune copies; the repairs only read it
+        self.batchnorm_of, self.ignored_names = prepared.batchnorm_of, prepared.ignored_names
+        self.num_groups = prepared.num_groups
+        self.member_names = [[name for name, _ in info.members] for info in prepared.groups]
         # every cell prunes a copy of self.folded, so the scores of the first group it prunes repeat
         self.score_cache = (score_cache if score_cache is not None else {}) if reuse else None
         self.cache = None
@@ -240,10 +271,30 @@ class Protocol:
         elif self.settings.repair == "variance":
             repair_variance(self.model, self.folded, model, results, self.batchnorm_of)
 
+    def _expand(self, group) -> list[int]:
+        return list(range(self.num_groups)) if group == "all" else \
+            list(group) if isinstance(group, (list, tuple)) else [group]
+
+    def _start(self, group) -> int:
+        if self.cache is None:
+            return 0
+        return first_stage(self.folded, [name for g in self._expand(group) for name in self.member_names[g]])
+
+    def run_cells(self, cells, progress=None) -> list[dict]:
+        """Rows of (group, sparsity, method) cells, in the order given. They are computed in the order
+        of their first pruned stage, from the input on, so the prefix cache only moves forward: the
+        unpruned layers before the groups run once per protocol, not once per group."""
+        order = sorted(range(len(cells)), key=lambda i: self._start(cells[i][0]))
+        rows = {}
+        for i in order:
+            rows[i] = self.run_cell(*cells[i])
+            if progress is not None:
+                progress()
+        return [rows[i] for i in range(len(cells))]
+
     def run_cell(self, group, sparsity: float, method: str) -> dict:
         """One row: `group` is an index, a list of indices, or "all" (whole-network pruning)."""
-        groups = list(range(self.num_groups)) if group == "all" else \
-            list(group) if isinstance(group, (list, tuple)) else [group]
+        groups = self._expand(group)
         model, _, seconds = self.prune_copy(groups, sparsity, method)
         label = group if isinstance(group, int) else "all" if groups == list(range(self.num_groups)) \
             else " ".join(map(str, groups))

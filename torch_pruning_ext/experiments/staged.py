@@ -53,9 +53,12 @@ class PrefixCache:
         self._start, self._activations = 0, inputs
 
     def activations(self, start: int) -> torch.Tensor:
+        """The activation before stage `start`; moving forward continues from the cached one, moving
+        back starts over from the inputs (so callers visit starts in increasing order)."""
         if start != self._start:
+            origin, previous = (self._start, self._activations) if start > self._start else (0, self.inputs)
             self._activations = None  # free the old cache before computing the new one
-            self._activations = run_stages(self.reference, self.inputs, 0, start, self.batch_size, self.device) \
+            self._activations = run_stages(self.reference, previous, origin, start, self.batch_size, self.device) \
                 if start > 0 else self.inputs
             self._start = start
         return self._activations
