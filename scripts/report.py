@@ -2,7 +2,6 @@
 """Turn sweep results into paper-style Markdown tables, per-table summaries and PNG plots."""
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -15,6 +14,8 @@ import pandas as pd  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from torch_pruning_ext.experiments.cli import OneLineParser, run_cli  # noqa: E402
+from torch_pruning_ext.experiments.results import read_rows  # noqa: E402
 from torch_pruning_ext.files import atomic_path, atomic_write_text  # noqa: E402
 from torch_pruning_ext.repair import REPAIR_MODES  # noqa: E402
 
@@ -24,6 +25,7 @@ LABELS = {"default": "default pruning", "intra_fusion": "Intra-Fusion",
 
 
 DATA_SIZES = ("taylor_batches", "repair_samples", "thinet_samples")  # recorded only when not the default
+NEEDED = ("model", "dataset", "criterion", "group", "sparsity", "method", "accuracy")
 
 
 def variant(row) -> str:
@@ -58,9 +60,26 @@ def method_order(methods) -> list[str]:
                                           else len(METHOD_ORDER), m))
 
 
+def read_results(path) -> pd.DataFrame:
+    """The rows of one CSV or JSON results file (sweep.py, main.py --output); a file that holds none
+    raises ValueError naming it."""
+    rows = read_rows(path)
+    missing = [c for c in NEEDED if c not in {key for row in rows for key in row}]
+    if missing:
+        raise ValueError(f"{path} is not a results file of this project (no {missing[0]!r} column)")
+    if Path(path).suffix.lower() == ".json":
+        frame = pd.DataFrame([row | {"group": "" if row.get("group") is None else str(row["group"])} for row in rows])
+    else:
+        frame = pd.read_csv(path, dtype={"group": str})
+    try:
+        frame[["sparsity", "accuracy"]] = frame[["sparsity", "accuracy"]].astype(float)
+    except (TypeError, ValueError):
+        raise ValueError(f"results file {path} is corrupt (sparsity or accuracy is not a number)") from None
+    return frame
+
+
 def load(paths) -> pd.DataFrame:
-    frames = [pd.read_csv(p, dtype={"group": str}) for p in paths]
-    data = pd.concat(frames, ignore_index=True)
+    data = pd.concat([read_results(p) for p in paths], ignore_index=True)
     data["group"] = data["group"].fillna("")
     data["method"] = data.apply(variant, axis=1)
     data = data[~((data["method"] == "base") & data.duplicated(["model", "dataset", "criterion", "method"],
@@ -230,9 +249,9 @@ def report(data: pd.DataFrame, out_dir: Path, title: str, commands: list[str], p
     return "\n".join(parts) + "\n"
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("results", nargs="+", help="results.csv files of sweeps or main.py --output")
+def build_parser() -> OneLineParser:
+    parser = OneLineParser(prog="report.py", description=__doc__.splitlines()[0])
+    parser.add_argument("results", nargs="+", help="CSV or JSON results files of sweeps or main.py --output")
     parser.add_argument("--out-dir", default="docs", help="where the Markdown file and PNGs go")
     parser.add_argument("--name", default="RESULTS.md", help="Markdown file name inside --out-dir")
     parser.add_argument("--title", default="Results")
@@ -247,23 +266,28 @@ def main(argv=None) -> int:
                         help="only these pruning methods (default: all)")
     parser.add_argument("--plot-prefix", default="", help="prefix of the PNG file names (to keep reports apart)")
     parser.add_argument("--intro", default=None, help="Markdown file whose text follows the title (findings)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def write_report(args) -> int:
     missing = [p for p in args.results + ([args.intro] if args.intro else []) if not Path(p).is_file()]
     if missing:
-        print(f"report.py: error: no such file: {missing[0]}", file=sys.stderr)
-        return 2
+        raise ValueError(f"no such file: {missing[0]}")
     out_dir = Path(args.out_dir)
     data = select(load(args.results), args.repair, args.sparsities, args.criteria, args.finetune_epochs,
                   args.methods)
     if not (data["method"] != "base").any():
-        print("report.py: error: no pruned rows match the filters (--repair, --sparsities, --criteria, "
-              "--finetune-epochs, --methods)", file=sys.stderr)
-        return 2
+        raise ValueError("no pruned rows match the filters (--repair, --sparsities, --criteria, "
+                         "--finetune-epochs, --methods)")
     intro = Path(args.intro).read_text() if args.intro else ""
     text = report(data, out_dir, args.title, args.command, args.plot_prefix, intro)
     atomic_write_text(out_dir / args.name, text)
     print(f"wrote {out_dir / args.name}")
     return 0
+
+
+def main(argv=None) -> int:
+    return run_cli("report.py", write_report, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -18,9 +18,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from torch_pruning_ext.experiments.checkpoints import load_model, resolve_checkpoint  # noqa: E402
 from torch_pruning_ext.compress import SCHEDULES, check_schedule  # noqa: E402
-from torch_pruning_ext.experiments.cli import run_cli, sparsity  # noqa: E402
+from torch_pruning_ext.experiments.cli import (OneLineParser, choice, device, positive_int, run_cli,  # noqa: E402
+                                             sparsity)
 from torch_pruning_ext.experiments.evaluation import EVAL_BATCH_SIZE  # noqa: E402
-from torch_pruning_ext.files import file_lock  # noqa: E402
+from torch_pruning_ext.files import check_writable_dir, file_lock  # noqa: E402
 from torch_pruning_ext.experiments.data import (DATASETS, calibration_batches, calibration_set, dataset_info,  # noqa: E402
                                     load_split, normalize)
 from torch_pruning_ext.importance import CRITERIA, DATA_CRITERIA, THINET_SAMPLES  # noqa: E402
@@ -28,8 +29,7 @@ from torch_pruning_ext.experiments.models import MODEL_BUILDERS  # noqa: E402
 from torch_pruning_ext.experiments.protocol import (METHODS, REPAIR_SAMPLES, TAYLOR_BATCHES, Protocol, Settings,  # noqa: E402
                                         cell_identity, check_data_sizes, data_sizes, repair_images)
 from torch_pruning_ext.repair import DATA_MODES, REPAIR_MODES  # noqa: E402
-from torch_pruning_ext.experiments.results import read_rows, row_key, write_rows  # noqa: E402
-
+from torch_pruning_ext.experiments.results import check_results_file, read_rows, row_key, write_rows  # noqa: E402
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -42,28 +42,44 @@ def parse_shard(text: str) -> tuple[int, int]:
     return index, count
 
 
+def model_checkpoint(text: str) -> tuple[str, str]:
+    model, _, path = text.partition("=")
+    if not path:
+        raise argparse.ArgumentTypeError(f"must look like MODEL=FILE, got {text!r}")
+    return choice(sorted(MODEL_BUILDERS), "model")(model), path
+
+
+def group_spec(text: str):
+    if text in ("all-single", "whole"):
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"group {text!r} is not an index, 'all-single' or 'whole'") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="sweep.py", description=__doc__.splitlines()[0])
     add = parser.add_argument
     add("--run-dir", required=True, help="folder of this sweep; results.csv is written there")
     add("--models", nargs="+", choices=sorted(MODEL_BUILDERS), default=["vgg11_bn", "resnet18"])
     add("--dataset", choices=sorted(DATASETS), default="fashion-mnist")
     add("--data-dir", default=None)
     add("--no-download", action="store_true")
-    add("--checkpoint", action="append", default=[], metavar="MODEL=FILE",
+    add("--checkpoint", action="append", default=[], metavar="MODEL=FILE", type=model_checkpoint,
         help="checkpoint for a model (else the usual lookup: models/, models.zip)")
     add("--criteria", nargs="+", choices=CRITERIA, default=["l1", "taylor"])
-    add("--groups", nargs="+", default=["all-single"],
+    add("--groups", nargs="+", type=group_spec, default=["all-single"],
         help="group indices, 'all-single' (every group alone, default) and/or 'whole' (all groups together)")
     add("--sparsities", nargs="+", type=sparsity, default=[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7])
     add("--methods", nargs="+", choices=list(METHODS), default=["default", "intra_fusion", "intra_fusion_fp"])
     add("--shard", type=parse_shard, default=(1, 1), help="run cells i, i+N, i+2N, ... (1-based i/N)")
     add("--taylor-batches", type=int, default=TAYLOR_BATCHES)
     add("--thinet-samples", type=int, default=THINET_SAMPLES)
-    add("--batch-size", type=int, default=EVAL_BATCH_SIZE)
+    add("--batch-size", type=positive_int, default=EVAL_BATCH_SIZE)
     add("--seed", type=int, default=0)
     add("--bn-fold", choices=["reference", "exact"], default="reference")
-    add("--device", default="cpu")
+    add("--device", type=device, default="cpu")
     add("--repair", nargs="+", choices=REPAIR_MODES, default=["none"],
         help="repair modes to sweep (each is its own set of rows)")
     add("--repair-samples", type=int, default=REPAIR_SAMPLES)
@@ -81,14 +97,10 @@ def expand_groups(specs, count: int, model: str) -> list:
             groups += list(range(count))
         elif spec == "whole":
             groups.append("all")
+        elif not 0 <= spec < count:
+            raise ValueError(f"group index {spec} is not in {model}: valid indices are 0..{count - 1}")
         else:
-            try:
-                index = int(spec)
-            except ValueError:
-                raise ValueError(f"group {spec!r} is not an index, 'all-single' or 'whole'") from None
-            if not 0 <= index < count:
-                raise ValueError(f"group index {index} is not in {model}: valid indices are 0..{count - 1}")
-            groups.append(index)
+            groups.append(spec)
     return list(dict.fromkeys(groups))
 
 
@@ -108,13 +120,19 @@ def _block_of(settings: Settings) -> Settings:
 
 
 def sweep(args) -> int:
-    run_dir = Path(args.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    results = run_dir / "results.csv"
-    checkpoints = dict(item.split("=", 1) for item in args.checkpoint)
+    run_dir = check_writable_dir(args.run_dir, "--run-dir")
+    results = check_results_file(run_dir / "results.csv")
+    checkpoints = dict(args.checkpoint)
+    unused = sorted(set(checkpoints) - set(args.models))
+    if unused:
+        raise ValueError(f"--checkpoint {unused[0]}=...: {unused[0]} is not in --models")
     check_data_sizes(taylor_batches=args.taylor_batches, repair_samples=args.repair_samples,
                      thinet_samples=args.thinet_samples)
     check_schedule(args.schedule, args.max_layer_sparsity)
+    if args.save_pruned:
+        check_writable_dir(args.save_pruned, "--save-pruned")
+    paths = {name: resolve_checkpoint(name, args.dataset, checkpoints.get(name), ROOT) for name in args.models}
+    run_dir.mkdir(parents=True, exist_ok=True)
     info = dataset_info(args.dataset)
     test = load_split(args.dataset, "test", args.data_dir, download=not args.no_download)
     inputs = normalize(test.images, info)
@@ -125,8 +143,7 @@ def sweep(args) -> int:
     # The full, ordered cell list: identical in every shard, so shards partition it exactly.
     blocks = []
     for model_name in args.models:
-        path = resolve_checkpoint(model_name, args.dataset, checkpoints.get(model_name), ROOT)
-        loaded = load_model(path, model_name, args.dataset, info.num_classes)
+        loaded = load_model(paths[model_name], model_name, args.dataset, info.num_classes)
         for criterion in args.criteria:
             blocks.append((loaded, [Settings(model_name, args.dataset, criterion, bn_fold=args.bn_fold, seed=args.seed,
                                              repair=repair, finetune_epochs=args.finetune_epochs,

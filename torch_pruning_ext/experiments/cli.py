@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+import torch
+
 from .checkpoints import CheckpointError
 from .data import DatasetUnavailable
 from ..pruner import check_sparsity
@@ -32,6 +34,30 @@ def sparsity(value):
         return check_sparsity(float(value))
     except ValueError:
         raise argparse.ArgumentTypeError(f"sparsity must be a number in [0, 1), got {value!r}") from None
+
+
+def positive_int(value):
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value!r}")
+    return number
+
+
+def device(name):
+    """An argparse type: a torch device this machine has (cpu, cuda, cuda:1, ...)."""
+    try:
+        found = torch.device(name)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"unknown device {name!r}") from None
+    if found.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"device {name} requested but CUDA is not available; use --device cpu")
+    if found.type == "cuda" and (found.index or 0) >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"device {name} requested but this machine has "
+                                         f"{torch.cuda.device_count()} CUDA devices")
+    return found
 
 
 def run_cli(prog: str, function, args) -> int:
