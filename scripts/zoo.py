@@ -8,7 +8,6 @@ MetaPruner at the same ratio; which groups fuse, which fall back and why; second
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import csv
 import io

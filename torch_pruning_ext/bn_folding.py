@@ -12,7 +12,8 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 
-from .groups import trace_graph
+from .groups import out_channels, trace_graph
+from .checks import check_choice
 
 FOLD_MODES = ("exact", "reference")
 _FOLDABLE_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Linear)
@@ -25,10 +26,6 @@ class FoldedPair:
     batchnorm: str
 
 
-def _out_features(layer: nn.Module) -> int:
-    return layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
-
-
 def foldable_pairs(graph: tp.DependencyGraph) -> list[tuple[nn.Module, nn.Module]]:
     """(layer, bn) pairs where the BN's only input is the layer and the layer feeds only that BN."""
     pairs = []
@@ -38,7 +35,7 @@ def foldable_pairs(graph: tp.DependencyGraph) -> list[tuple[nn.Module, nn.Module
         producer = node.inputs[0]
         layer = producer.module
         if (isinstance(layer, _FOLDABLE_LAYERS) and not getattr(layer, "transposed", False)
-                and len(producer.outputs) == 1 and _out_features(layer) == module.num_features):
+                and len(producer.outputs) == 1 and out_channels(layer) == module.num_features):
             pairs.append((layer, module))
     return pairs
 
@@ -50,8 +47,7 @@ def fold_batchnorm_into(layer: nn.Module, bn: nn.modules.batchnorm._BatchNorm, m
     "exact" uses sqrt(var + eps) and resets var to 1 - eps, so eval-mode outputs are unchanged.
     "reference" reproduces the released code: sqrt(var) without eps, var reset to 1.
     """
-    if mode not in FOLD_MODES:
-        raise ValueError(f"unknown BatchNorm fold mode {mode!r}; choose one of: {', '.join(FOLD_MODES)}")
+    check_choice(mode, FOLD_MODES, "BatchNorm fold mode")
     if bn.running_mean is None or bn.running_var is None:
         raise ValueError(f"cannot fold {bn}: it tracks no running statistics")
     variance = bn.running_var + bn.eps if mode == "exact" else bn.running_var
@@ -80,8 +76,7 @@ def fold_batchnorms(model: nn.Module, example_inputs, mode: str = "exact",
     A BN is folded only when its single input is a Conv1d/Conv2d/Linear feeding nothing else, so a
     BN after a residual addition or a pre-activation BN is left alone.
     """
-    if mode not in FOLD_MODES:
-        raise ValueError(f"unknown BatchNorm fold mode {mode!r}; choose one of: {', '.join(FOLD_MODES)}")
+    check_choice(mode, FOLD_MODES, "BatchNorm fold mode")
     if graph is None:
         graph = trace_graph(model, example_inputs)
     names = {module: name for name, module in model.named_modules()}

@@ -14,11 +14,11 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 
-from .bn_folding import FOLD_MODES
-from .groups import output_layers
+from .checks import check_choice
+from .groups import ROOT_TYPES, out_channels, output_layers
 from .methods import check_method, method_plan
 from .modes import eval_mode
-from .pruner import IntraFusionPruner, check_sparsity
+from .pruner import IntraFusionPruner, channel_origin, check_sparsity
 from .repair import (REPAIR_MODES, fused_row_maps, repair_by_reconstruction, repair_variance, repair_with_data,
                      repair_without_data)
 
@@ -28,8 +28,7 @@ SCHEDULES = ("uniform", "global")
 
 def check_schedule(schedule: str, max_layer_sparsity: float | None) -> float | None:
     """Validate a schedule and its cap (the cap only caps the global schedule); returns the cap."""
-    if schedule not in SCHEDULES:
-        raise ValueError(f"unknown schedule {schedule!r}; choose one of: {', '.join(SCHEDULES)}")
+    check_choice(schedule, SCHEDULES, "schedule")
     if max_layer_sparsity is None:
         return None
     if schedule != "global":
@@ -93,8 +92,7 @@ def calibration_tensor(calibration, limit: int = CALIBRATION_SAMPLES) -> torch.T
 
 
 def _out_channels(model: nn.Module) -> dict[str, int]:
-    return {name: (m.out_features if isinstance(m, nn.Linear) else m.out_channels)
-            for name, m in model.named_modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))}
+    return {name: out_channels(m) for name, m in model.named_modules() if isinstance(m, ROOT_TYPES)}
 
 
 def compress(model: nn.Module, example_inputs: torch.Tensor, sparsity: float = 0.5, method: str = "fold",
@@ -112,13 +110,10 @@ def compress(model: nn.Module, example_inputs: torch.Tensor, sparsity: float = 0
     check_method(method)
     sparsity = check_sparsity(sparsity)
     max_layer_sparsity = check_schedule(schedule, max_layer_sparsity)
-    if fold_bn not in FOLD_MODES:
-        raise ValueError(f"unknown fold_bn {fold_bn!r}; choose one of: {', '.join(FOLD_MODES)}")
     images = calibration_tensor(calibration, calibration_samples)
     if repair is None:
         repair = "reconstruct" if images is not None else ("none" if method == "default" else "datafree")
-    if repair not in REPAIR_MODES:
-        raise ValueError(f"unknown repair {repair!r}; choose one of: {', '.join(REPAIR_MODES)}")
+    check_choice(repair, REPAIR_MODES, "repair")
     if repair in ("data", "data_downstream", "reconstruct") and images is None:
         raise ValueError(f"repair {repair!r} needs calibration data (a tensor or a DataLoader of inputs)")
     with eval_mode(model), torch.no_grad():
@@ -136,16 +131,16 @@ def compress(model: nn.Module, example_inputs: torch.Tensor, sparsity: float = 0
     report = {}
     bn_of = {pair.layer: pair.batchnorm for pair in pruner.folded}
     if repair == "reconstruct":
-        report = repair_by_reconstruction(folded, target, pruner.channel_origin, images,
+        report = repair_by_reconstruction(folded, target, channel_origin(results), images,
                                           row_maps=fused_row_maps(folded, results))
     elif repair in ("data", "data_downstream"):
         changed = sorted({name for r in results for name in r.producers + r.consumers})
         outputs = {pruner.names[layer] for layer in output_layers(pruner.graph)}
         downstream = [name for name in _out_channels(target) if name not in outputs] \
             if repair == "data_downstream" else []
-        repair_with_data(folded, target, changed, pruner.channel_origin, images, downstream=downstream)
+        repair_with_data(folded, target, changed, channel_origin(results), images, downstream=downstream)
     elif repair == "datafree":
-        repair_without_data(unfolded, folded, target, results, pruner.channel_origin, bn_of)
+        repair_without_data(unfolded, folded, target, results, channel_origin(results), bn_of)
     elif repair == "variance":
         repair_variance(unfolded, folded, target, results, bn_of)
     with eval_mode(target), torch.no_grad():

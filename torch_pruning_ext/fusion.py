@@ -14,6 +14,8 @@ import torch_pruning as tp
 from torch_pruning.pruner import function as F
 
 from .bn_folding import is_channel_uniform
+from .checks import check_choice
+from .groups import ROOT_TYPES
 
 FUSION_RULES = ("reference", "function_preserving")
 
@@ -124,7 +126,7 @@ def layer_roles(group, n: int, names: dict) -> tuple[dict[str, torch.Tensor], li
     producers, consumers = {}, []
     for item in group.items:
         module, fn = item.dep.target.module, item.dep.handler
-        if not isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)) or module not in names:
+        if not isinstance(module, ROOT_TYPES) or module not in names:
             continue
         if fn in _PRODUCER_FNS:
             try:
@@ -176,8 +178,7 @@ def transport_maps(coupling: torch.Tensor, rule: str) -> tuple[torch.Tensor, tor
     channels merged into each target), consumers the column-normalised one (their sum), so exact
     twin channels are merged without changing the network's function.
     """
-    if rule not in FUSION_RULES:
-        raise ValueError(f"unknown fusion rule {rule!r}; choose one of: {', '.join(FUSION_RULES)}")
+    check_choice(rule, FUSION_RULES, "fusion rule")
     plan = coupling.t()
     source_mass = plan.sum(dim=0, keepdim=True)
     by_source = torch.where(source_mass > 0, plan / torch.where(source_mass > 0, source_mass, 1), 0)

@@ -16,6 +16,11 @@ from .modes import eval_mode
 ROOT_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
 
 
+def out_channels(layer: nn.Module) -> int:
+    """Output channels of a Conv (any dimension) or out-features of a Linear."""
+    return layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
+
+
 @dataclass
 class GroupInfo:
     index: int

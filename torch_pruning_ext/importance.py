@@ -11,6 +11,8 @@ import torch.nn.functional as F
 import torch_pruning as tp
 from torch_pruning.pruner import function as fn
 
+from .modes import eval_mode
+
 CRITERIA = ("l1", "l2", "linf", "taylor", "lamp", "random", "chip", "taylor_fm", "thinet", "gate")
 DATA_CRITERIA = ("taylor", "chip", "taylor_fm", "thinet")  # these need calibration batches
 THINET_SAMPLES = 1024  # ThiNet's default number of sampled outputs per consuming layer
@@ -53,13 +55,8 @@ class TaylorImportance(tp.importance.GroupTaylorImportance):
         super().__init__(group_reduction="mean", normalizer="mean", target_types=_WEIGHTED)
 
     def prepare(self, model: nn.Module, group, batches) -> None:
-        was_training = model.training
-        model.eval()
         model.zero_grad(set_to_none=True)
-        device = next(model.parameters()).device
-        for inputs, labels in batches:
-            F.cross_entropy(model(inputs.to(device)), labels.to(device)).backward()
-        model.train(was_training)
+        _run_batches(model, batches, with_grad=True)
 
     def __call__(self, group):
         for item in group.items:
@@ -89,16 +86,11 @@ class ChipImportance(tp.importance.Importance):
         maps: dict[nn.Module, list[torch.Tensor]] = {layer: [] for layer, _, _ in producers}
         hooks = [layer.register_forward_hook(lambda m, i, o: maps[m].append(o.detach().float().cpu()))
                  for layer in maps]
-        was_training = model.training
-        model.eval()
-        device = next(model.parameters()).device
         try:
-            for inputs, _ in batches:
-                model(inputs.to(device))
+            _run_batches(model, batches, with_grad=False)
         finally:
             for hook in hooks:
                 hook.remove()
-            model.train(was_training)
         total, count = torch.zeros(n, dtype=torch.float64), 0
         for layer, roots, idxs in producers:
             outputs = torch.cat(maps[layer])[:, idxs]
@@ -120,18 +112,14 @@ def _producers(group):
 
 
 def _run_batches(model: nn.Module, batches, with_grad: bool) -> None:
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
-    try:
+    with eval_mode(model):
         for inputs, labels in batches:
             if with_grad:
                 F.cross_entropy(model(inputs.to(device)), labels.to(device)).backward()
             else:
                 with torch.no_grad():
                     model(inputs.to(device))
-    finally:
-        model.train(was_training)
 
 
 class FeatureMapTaylorImportance(tp.importance.Importance):

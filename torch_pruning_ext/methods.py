@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from .folding import ClusterFolding
 from .optimal_transport import OptimalTransport
+from .checks import check_choice
 
 # method -> fusion rule; default pruning drops the channels, the others merge them into the kept ones
 METHODS = {"default": None,                            # plain pruning (transport=None)
@@ -12,8 +13,7 @@ METHODS = {"default": None,                            # plain pruning (transpor
 
 
 def check_method(method: str) -> None:
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
+    check_choice(method, METHODS, "method")
 
 
 def method_plan(method: str, transport: OptimalTransport | None = None, seed: int = 0):

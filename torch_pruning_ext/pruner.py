@@ -17,9 +17,10 @@ from .bn_folding import FOLD_MODES, FoldedPair, fold_batchnorms
 from .conv_blocks import block_coupling, block_pruned, channel_blocks
 from .fusion import (UnsupportedGroup, channel_features, fuse_members, group_members, layer_roles,
                      prune_channels, transport_maps, zero_channels, FUSION_RULES)
-from .groups import GroupInfo, describe_groups, trace_graph, full_group, numbered_roots, output_layers
+from .groups import GroupInfo, describe_groups, out_channels, trace_graph, full_group, numbered_roots, output_layers
 from .importance import build_importance, needs_data
 from .optimal_transport import OptimalTransport
+from .checks import check_choice
 
 
 @dataclass
@@ -34,6 +35,17 @@ class GroupResult:
     producers: list[str] = field(default_factory=list)  # layers whose out-channels were pruned/fused
     consumers: list[str] = field(default_factory=list)  # layers whose in-channels were pruned/fused
     producer_map: torch.Tensor | None = None  # k x n map applied to the producers' rows, if fused
+    # producer name -> original index of each of its out-channels after this group (what repair needs)
+    origins: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def channel_origin(results: list[GroupResult]) -> dict[str, torch.Tensor]:
+    """Layer name -> original index of each current out-channel, for every layer that lost channels
+    in `results` (pruned in that order): the repairs' view of what each kept channel stands for."""
+    merged = {}
+    for result in results:
+        merged.update(result.origins)
+    return merged
 
 
 def kept_count(channels: int, sparsity: float) -> int:
@@ -66,8 +78,8 @@ class IntraFusionPruner:
     def __init__(self, model: nn.Module, example_inputs: torch.Tensor, importance="l1",
                  ignored_layers=None, fold_bn: str | None = None, calibration_batches=None,
                  score_cache: dict | None = None):
-        if fold_bn is not None and fold_bn not in FOLD_MODES:
-            raise ValueError(f"unknown fold_bn {fold_bn!r}; choose one of: {', '.join(FOLD_MODES)}, or None")
+        if fold_bn is not None:
+            check_choice(fold_bn, FOLD_MODES, "fold_bn", also="or None")
         self.model = model
         self.importance = build_importance(importance)
         if needs_data(self.importance) and not calibration_batches:
@@ -147,8 +159,7 @@ class IntraFusionPruner:
         if transport is not None and not callable(getattr(transport, "coupling", None)):
             raise TypeError(f"transport must be an OptimalTransport, a ClusterFolding (anything with "
                             f".coupling(features, importance, kept)) or None, got {type(transport).__name__}")
-        if fusion_rule not in FUSION_RULES:
-            raise ValueError(f"unknown fusion rule {fusion_rule!r}; choose one of: {', '.join(FUSION_RULES)}")
+        check_choice(fusion_rule, FUSION_RULES, "fusion rule")
         plan = self._global_plan(indices, sparsity, max_group_sparsity) if global_pruning else {}
         results = []
         for done, index in enumerate(indices, 1):
@@ -220,7 +231,7 @@ class IntraFusionPruner:
             zero_channels(group_members(group, n, self.names, strict=False) if pruned else [],
                           torch.tensor(pruned))
         else:
-            self._track_origins(producers, kept)
+            result.origins = self._track_origins(producers, kept)
             prune_channels(self.graph, group, pruned)
         seconds["slicing"] = time.perf_counter() - started
         self.changed = self.changed or bool(pruned)
@@ -228,13 +239,13 @@ class IntraFusionPruner:
             self.model.zero_grad(set_to_none=True)
         return result
 
-    def _track_origins(self, producers: dict[str, torch.Tensor], kept: torch.Tensor) -> None:
+    def _track_origins(self, producers: dict[str, torch.Tensor], kept: torch.Tensor) -> dict[str, torch.Tensor]:
         modules = dict(self.model.named_modules())
         for name, positions in producers.items():
             layer = modules[name]
-            current = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
-            origin = self.channel_origin.get(name, torch.arange(current))
+            origin = self.channel_origin.get(name, torch.arange(out_channels(layer)))
             self.channel_origin[name] = origin[positions[kept].flatten()]
+        return {name: self.channel_origin[name] for name in producers}
 
 
 def _sync_width_attributes(model: nn.Module) -> None:

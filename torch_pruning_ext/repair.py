@@ -28,6 +28,8 @@ import torch
 import torch.nn as nn
 
 from .modes import as_fast_input, eval_mode, fast_layout
+from .checks import check_choice
+from .groups import ROOT_TYPES, out_channels
 
 REPAIR_MODES = ("none", "data", "data_downstream", "datafree", "variance", "reconstruct")
 DATA_MODES = ("data", "data_downstream", "reconstruct")  # the modes that need unlabelled images
@@ -35,12 +37,7 @@ _EPS = 1e-8
 
 
 def check_mode(mode: str) -> None:
-    if mode not in REPAIR_MODES:
-        raise ValueError(f"unknown repair mode {mode!r}; choose one of: {', '.join(REPAIR_MODES)}")
-
-
-def _out_channels(layer: nn.Module) -> int:
-    return layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
+    check_choice(mode, REPAIR_MODES, "repair mode")
 
 
 _MOMENT_CHUNK = 64  # images per float64 copy: bounds the extra memory of the statistics
@@ -79,15 +76,13 @@ def layer_statistics(model: nn.Module, names: list[str], inputs: torch.Tensor,
         return record
 
     handles = [modules[name].register_forward_hook(hook(name)) for name in names]
-    was_training = model.training
-    model.eval()
     try:
-        for start in range(0, inputs.shape[0], batch_size):
-            model(inputs[start:start + batch_size])
+        with eval_mode(model):
+            for start in range(0, inputs.shape[0], batch_size):
+                model(inputs[start:start + batch_size])
     finally:
         for handle in handles:
             handle.remove()
-        model.train(was_training)
     return {name: _mean_std(*sums[name]) for name in names if name in sums}
 
 
@@ -96,7 +91,7 @@ def apply_affine(layer: nn.Module, scale: torch.Tensor, shift: torch.Tensor) -> 
     """Make the layer output `scale * y + shift` per output channel (folded into weight and bias)."""
     shape = (-1,) + (1,) * (layer.weight.dim() - 1)
     layer.weight.mul_(scale.view(shape).to(layer.weight.dtype))
-    bias = layer.bias if layer.bias is not None else torch.zeros(_out_channels(layer), dtype=layer.weight.dtype)
+    bias = layer.bias if layer.bias is not None else torch.zeros(out_channels(layer), dtype=layer.weight.dtype)
     new_bias = (bias.double() * scale + shift).to(layer.weight.dtype)
     if layer.bias is None:
         layer.bias = nn.Parameter(new_bias)
@@ -142,7 +137,7 @@ def repair_with_data(original: nn.Module, pruned: nn.Module, layers: list[str],
                 return None
             repaired.add(name)
             mean_p, std_p = _mean_std(*_moments(output))
-            origin = channel_origin.get(name, torch.arange(_out_channels(layer)))
+            origin = channel_origin.get(name, torch.arange(out_channels(layer)))
             apply_affine(layer, *_correction(mean_p, std_p, reference[name][0][origin], reference[name][1][origin]))
             if len(repaired) == len(reference):
                 raise _AllRepaired
@@ -150,16 +145,14 @@ def repair_with_data(original: nn.Module, pruned: nn.Module, layers: list[str],
         return correct
 
     handles = [modules[name].register_forward_hook(hook(name), with_kwargs=True) for name in reference]
-    was_training = pruned.training
-    pruned.eval()
     try:
-        pruned(inputs)
+        with eval_mode(pruned):
+            pruned(inputs)
     except _AllRepaired:
         pass
     finally:
         for handle in handles:
             handle.remove()
-        pruned.train(was_training)
 
 
 def _folded_channel_stats(bn: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
@@ -472,7 +465,7 @@ def fused_row_maps(original: nn.Module, results) -> dict[str, torch.Tensor]:
         if result.producer_map is None:
             continue
         for name in result.producers:
-            if name in modules and _out_channels(modules[name]) == result.channels:
+            if name in modules and out_channels(modules[name]) == result.channels:
                 maps[name] = result.producer_map
     return maps
 
@@ -571,11 +564,10 @@ def repair_by_reconstruction(original: nn.Module, pruned: nn.Module, channel_ori
     shift per channel; other grouped convolutions and the layers in `skip` are left as they are.
     Returns, per layer, how it was refitted and the fraction of its target's energy the fit explains.
     """
-    if space not in RECONSTRUCT_SPACES:
-        raise ValueError(f"unknown reconstruction space {space!r}; choose one of: {', '.join(RECONSTRUCT_SPACES)}")
+    check_choice(space, RECONSTRUCT_SPACES, "reconstruction space")
     generator = torch.Generator().manual_seed(seed)
     layers = {name: module for name, module in pruned.named_modules()
-              if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear))}
+              if isinstance(module, ROOT_TYPES)}
     reference = dict(original.named_modules())
     names = [name for name in layers if name not in skip and name in reference]
     inputs = as_fast_input(inputs, inputs.device)  # channels_last: oneDNN's fastest CPU convolutions
@@ -593,7 +585,7 @@ def repair_by_reconstruction(original: nn.Module, pruned: nn.Module, channel_ori
                 original_in = side.take(name)
                 try:
                     pruned_in = args[0] if args else next(iter(kwargs.values()))
-                    origin = channel_origin.get(name, torch.arange(_out_channels(layer)))
+                    origin = channel_origin.get(name, torch.arange(out_channels(layer)))
                     report[name] = _refit(layer, reference[name], (row_maps or {}).get(name, origin), origin,
                                           pruned_in, original_in, ridge, intercept, space, generator)
                 finally:

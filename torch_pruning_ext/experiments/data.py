@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from ..checks import check_choice
 
 
 @dataclass(frozen=True)
@@ -56,8 +57,7 @@ class ImageSet:
 
 
 def dataset_info(name: str) -> DatasetInfo:
-    if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
+    check_choice(name, DATASETS, "dataset")
     return DATASETS[name]
 
 
@@ -180,8 +180,7 @@ def load_split(name: str, split: str, data_dir=None, allow_bundled: bool = True,
     set; it is used for "train" only when the caller needs no more than that pool (allow_bundled).
     """
     info = dataset_info(name)
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; choose one of: {', '.join(SPLITS)}")
+    check_choice(split, SPLITS, "split")
     found = _load_fashion_mnist(split, data_dir) if info.name == "fashion-mnist" else _load_cifar(info.name, split, data_dir)
     if found is not None:
         return found

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from ..modes import eval_mode
+
 FP32_BYTES = 4
 INDEX_BYTES = 4  # int32 column indices and row pointers
 
@@ -56,14 +58,12 @@ def peak_activation_bytes(model: nn.Module, example: torch.Tensor) -> int:
         peak = max(peak, FP32_BYTES * sum(t.numel() for t in tensors))
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
-    was_training = model.training
-    model.eval()
     try:
-        model(example)
+        with eval_mode(model):
+            model(example)
     finally:
         for handle in handles:
             handle.remove()
-        model.train(was_training)
     return peak
 
 

@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..serialization import register_builder
+from ..checks import check_choice
 
 VGG11_CONFIG = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
 
@@ -113,8 +114,7 @@ MODEL_BUILDERS = {"vgg11_bn": vgg11_bn, "resnet18": resnet18}
 
 def build_model(name: str, num_classes: int) -> nn.Module:
     """Build a model by name; raises ValueError naming the allowed names."""
-    if name not in MODEL_BUILDERS:
-        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(MODEL_BUILDERS)}")
+    check_choice(name, MODEL_BUILDERS, "model")
     if int(num_classes) < 1:
         raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
     return MODEL_BUILDERS[name](int(num_classes))

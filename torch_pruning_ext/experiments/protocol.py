@@ -21,7 +21,7 @@ from ..methods import METHODS, check_method, method_plan
 from ..importance import DATA_CRITERIA, THINET_SAMPLES, build_importance
 from ..optimal_transport import OptimalTransport
 from ..bn_folding import fold_batchnorms
-from ..pruner import IntraFusionPruner
+from ..pruner import IntraFusionPruner, channel_origin
 from ..compress import check_schedule
 from ..repair import (DATA_MODES, check_mode as check_repair, fused_row_maps, layer_statistics,
                      repair_by_reconstruction, repair_variance, repair_with_data, repair_without_data)
@@ -245,17 +245,17 @@ class Protocol:
         results = pruner.prune(groups, sparsity, transport, fusion_rule=rule,
                                global_pruning=self.settings.schedule == "global",
                                max_group_sparsity=self.settings.max_layer_sparsity)
-        self._repair(model, pruner, results)
+        self._repair(model, results)
         if self.settings.finetune_epochs > 0:
             train(model, self.train_set, dataset_info(self.settings.dataset), self.settings.finetune_epochs,
                   lr=0.01, seed=self.settings.seed, device=self.device)
             model.cpu()
         return model, results, time.perf_counter() - started
 
-    def _repair(self, model: nn.Module, pruner: IntraFusionPruner, results) -> None:
+    def _repair(self, model: nn.Module, results) -> None:
         if self.settings.repair == "reconstruct":
             # each layer aims at what its channels stand for after the method: fused rows where fused
-            repair_by_reconstruction(self.folded, model, pruner.channel_origin, self.repair_inputs,
+            repair_by_reconstruction(self.folded, model, channel_origin(results), self.repair_inputs,
                                      row_maps=fused_row_maps(self.folded, results), seed=self.settings.seed)
         elif self.settings.repair in DATA_MODES:
             layers = sorted({name for r in results for name in r.producers + r.consumers})
@@ -264,10 +264,10 @@ class Protocol:
             if self._reference_stats is None:  # the original's statistics, measured once for all cells
                 names = [name for name, module in self.folded.named_modules() if isinstance(module, ROOT_TYPES)]
                 self._reference_stats = layer_statistics(self.folded, names, self.repair_inputs)
-            repair_with_data(self.folded, model, layers, pruner.channel_origin, self.repair_inputs,
+            repair_with_data(self.folded, model, layers, channel_origin(results), self.repair_inputs,
                              downstream=downstream, reference_stats=self._reference_stats)
         elif self.settings.repair == "datafree":
-            repair_without_data(self.model, self.folded, model, results, pruner.channel_origin, self.batchnorm_of)
+            repair_without_data(self.model, self.folded, model, results, channel_origin(results), self.batchnorm_of)
         elif self.settings.repair == "variance":
             repair_variance(self.model, self.folded, model, results, self.batchnorm_of)
 

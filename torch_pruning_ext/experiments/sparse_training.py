@@ -19,9 +19,10 @@ import torch.nn as nn
 import torch.nn.utils.parametrize as parametrize
 
 from ..bn_folding import foldable_pairs
-from ..groups import trace_graph
+from ..groups import ROOT_TYPES, trace_graph
+from ..checks import check_choice
 
-PRUNABLE = (nn.modules.conv._ConvNd, nn.Linear)
+PRUNABLE = ROOT_TYPES
 ASL_MODES = ("fixed", "adaptive")
 
 
@@ -132,8 +133,7 @@ def modelled_sparsity(weight: torch.Tensor, threshold: torch.Tensor) -> torch.Te
 def sparsity_loss(attached, target: float, mode: str = "adaptive") -> torch.Tensor:
     """Squared distance of the modelled sparsity to `target`: per layer ("fixed") or for the
     parameter-weighted total ("adaptive", layers may differ as long as the budget is met)."""
-    if mode not in ASL_MODES:
-        raise ValueError(f"unknown sparsity-loss mode {mode!r}; choose one of: {', '.join(ASL_MODES)}")
+    check_choice(mode, ASL_MODES, "sparsity-loss mode")
     if not 0 <= target < 1:
         raise ValueError(f"target sparsity must be in [0, 1), got {target!r}")
     levels = [modelled_sparsity(layer.parametrizations.weight.original.detach(), t.threshold)

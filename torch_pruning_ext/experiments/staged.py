@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .evaluation import EVAL_BATCH_SIZE, as_fast_input, fast_layout
+from ..modes import as_fast_input, eval_mode, fast_layout
+from .evaluation import EVAL_BATCH_SIZE
 
 
 def has_stages(model: nn.Module) -> bool:
@@ -28,17 +29,14 @@ def first_stage(model: nn.Module, layer_names) -> int:
 def run_stages(model: nn.Module, inputs: torch.Tensor, start: int = 0, stop: int | None = None,
                batch_size: int = EVAL_BATCH_SIZE, device="cpu") -> torch.Tensor:
     """Apply stages[start:stop] to `inputs` in batches (eval mode); returns the result on the CPU."""
-    was_training = model.training
-    model.eval()
     pieces = [fn for _, fn in model.stages()][start:stop]
     outputs = []
-    with fast_layout(model):
+    with eval_mode(model), fast_layout(model):
         for begin in range(0, inputs.shape[0], batch_size):
             out = as_fast_input(inputs[begin:begin + batch_size], device)
             for piece in pieces:
                 out = piece(out)
             outputs.append(out.cpu())
-    model.train(was_training)
     return torch.cat(outputs)
 
 

@@ -8,9 +8,10 @@ from __future__ import annotations
 import torch.nn as nn
 import torch.nn.utils.prune as prune
 
+from ..groups import ROOT_TYPES
 from ..pruner import check_sparsity
 
-PRUNABLE = (nn.modules.conv._ConvNd, nn.Linear)
+PRUNABLE = ROOT_TYPES
 
 
 def prunable_weights(model: nn.Module) -> list[tuple[nn.Module, str]]:
