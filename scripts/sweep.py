@@ -8,6 +8,7 @@ every N-th cell (starting with the i-th), so N processes or machines can share o
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -27,7 +28,7 @@ from torch_pruning_ext.experiments.data import (DATASETS, calibration_batches, c
 from torch_pruning_ext.importance import CRITERIA, DATA_CRITERIA, THINET_SAMPLES  # noqa: E402
 from torch_pruning_ext.experiments.models import MODEL_BUILDERS  # noqa: E402
 from torch_pruning_ext.experiments.protocol import (METHODS, REPAIR_SAMPLES, TAYLOR_BATCHES, Protocol, Settings,  # noqa: E402
-                                        cell_identity, check_data_sizes, data_sizes, repair_images)
+                                                    cell_identity, check_data_sizes, data_sizes, prepare, repair_images)
 from torch_pruning_ext.repair import DATA_MODES, REPAIR_MODES  # noqa: E402
 from torch_pruning_ext.experiments.results import check_results_file, read_rows, row_key, write_rows  # noqa: E402
 
@@ -40,6 +41,26 @@ def parse_shard(text: str) -> tuple[int, int]:
     if not 1 <= index <= count:
         raise argparse.ArgumentTypeError(f"shard {text!r}: need 1 <= i <= N")
     return index, count
+
+
+def shard_from_environment(environ=os.environ) -> tuple[int, int]:
+    """The shard of a SLURM job array task (1/1 outside one): task ids must run in steps of 1, from
+    SLURM_ARRAY_TASK_MIN, and SLURM_ARRAY_TASK_COUNT tasks make the N of i/N."""
+    if "SLURM_ARRAY_TASK_ID" not in environ:
+        return 1, 1
+    try:
+        task, first = int(environ["SLURM_ARRAY_TASK_ID"]), int(environ.get("SLURM_ARRAY_TASK_MIN", 0))
+        count, step = int(environ["SLURM_ARRAY_TASK_COUNT"]), int(environ.get("SLURM_ARRAY_TASK_STEP", 1))
+    except (KeyError, ValueError):
+        raise ValueError("SLURM_ARRAY_TASK_ID is set but SLURM_ARRAY_TASK_COUNT/_MIN are missing or not integers; "
+                         "pass --shard i/N") from None
+    if step != 1:
+        raise ValueError(f"SLURM_ARRAY_TASK_STEP is {step}: submit the array with consecutive ids (e.g. --array=1-4) "
+                         "or pass --shard i/N")
+    try:
+        return parse_shard(f"{task - first + 1}/{count}")
+    except argparse.ArgumentTypeError as error:
+        raise ValueError(f"SLURM array task {task} (min {first}, count {count}) gives {error}") from None
 
 
 def model_checkpoint(text: str) -> tuple[str, str]:
@@ -73,7 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="group indices, 'all-single' (every group alone, default) and/or 'whole' (all groups together)")
     add("--sparsities", nargs="+", type=sparsity, default=[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7])
     add("--methods", nargs="+", choices=list(METHODS), default=["default", "intra_fusion", "intra_fusion_fp"])
-    add("--shard", type=parse_shard, default=(1, 1), help="run cells i, i+N, i+2N, ... (1-based i/N)")
+    add("--shard", type=parse_shard, default=None,
+        help="run cells i, i+N, i+2N, ... (1-based i/N); default: from SLURM_ARRAY_TASK_ID/_MIN/_COUNT "
+             "inside a SLURM job array, else 1/1")
     add("--taylor-batches", type=int, default=TAYLOR_BATCHES)
     add("--thinet-samples", type=int, default=THINET_SAMPLES)
     add("--batch-size", type=positive_int, default=EVAL_BATCH_SIZE)
@@ -129,6 +152,7 @@ def sweep(args) -> int:
     check_data_sizes(taylor_batches=args.taylor_batches, repair_samples=args.repair_samples,
                      thinet_samples=args.thinet_samples)
     check_schedule(args.schedule, args.max_layer_sparsity)
+    index, count = args.shard or shard_from_environment()
     if args.save_pruned:
         check_writable_dir(args.save_pruned, "--save-pruned")
     paths = {name: resolve_checkpoint(name, args.dataset, checkpoints.get(name), ROOT) for name in args.models}
@@ -158,14 +182,14 @@ def sweep(args) -> int:
     train_set = None
     if args.finetune_epochs > 0:
         train_set = load_split(args.dataset, "train", args.data_dir, download=not args.no_download)
-    index, count = args.shard
     with file_lock(results):
         done = {row_key(row) for row in read_rows(results)}
-    planned = []
+    planned, prepared = [], {}  # model name -> its folded copy and groups, traced once for every protocol
     for loaded, block in blocks:
-        probe = Protocol(loaded.model, block[0], inputs[:1], test.labels[:1], batches, reuse=False,
-                         repair_inputs=repair_inputs, train_set=train_set, gates=loaded.gates)
-        groups = expand_groups(args.groups, probe.num_groups, block[0].model)
+        name = block[0].model
+        prepared.setdefault(name, prepare(loaded.model, inputs[:1], args.bn_fold))
+        # from the input on, so the protocols' prefix cache only moves forward
+        groups = sorted(expand_groups(args.groups, prepared[name].num_groups, name), key=prepared[name].first_stage)
         planned += [(loaded, settings, cell) for settings, cell in
                     plan_cells(block, groups, args.sparsities, args.methods)]
     mine = planned[index - 1::count]
@@ -181,7 +205,8 @@ def sweep(args) -> int:
             caches = {"prefix_cache": first.cache, "score_cache": first.score_cache} if first else {}
             protocols[settings] = Protocol(loaded.model, settings, inputs, test.labels, batches, args.batch_size,
                                            args.device, save_dir=args.save_pruned, repair_inputs=repair_inputs,
-                                           train_set=train_set, gates=loaded.gates, **caches)
+                                           train_set=train_set, gates=loaded.gates,
+                                           prepared=prepared[settings.model], **caches)
         protocol = protocols[settings]
         row = protocol.base_row() if method == "base" else protocol.run_cell(group, level, method)
         write_rows(results, [row])  # under the results file's lock

@@ -49,11 +49,18 @@ def test_killed_sweep_resumes_without_redoing_or_duplicating(tiny_data, checkpoi
     assert {r["group"] for r in rows} == {"", "0", "7", "all"}
 
 
-def test_shards_partition_the_sweep(tiny_data, checkpoints, tmp_path):
+def test_shards_partition_the_sweep(tiny_data, checkpoints, tmp_path, monkeypatch):
     assert sweep.main(sweep_args(tmp_path / "full", tiny_data, checkpoints)) == 0
     for shard in ("1/2", "2/2"):
         assert sweep.main(sweep_args(tmp_path / "sharded", tiny_data, checkpoints, "--shard", shard)) == 0
     assert cells(tmp_path / "sharded" / "results.csv") == cells(tmp_path / "full" / "results.csv")
+    for task in ("4", "5"):  # a SLURM job array --array=4-5: the shard comes from the environment
+        monkeypatch.setenv("SLURM_ARRAY_TASK_ID", task)
+        monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "4")
+        monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "2")
+        assert sweep.main(sweep_args(tmp_path / "slurm", tiny_data, checkpoints)) == 0
+        assert 0 < len(read_rows(tmp_path / "slurm" / "results.csv")) <= len(read_rows(tmp_path / "full" / "results.csv"))
+    assert cells(tmp_path / "slurm" / "results.csv") == cells(tmp_path / "full" / "results.csv")
     assert sweep.main(sweep_args(tmp_path / "one", tiny_data, checkpoints, "--shard", "1/2")) == 0
     assert 0 < len(read_rows(tmp_path / "one" / "results.csv")) < len(read_rows(tmp_path / "full" / "results.csv"))
 
@@ -62,6 +69,14 @@ def test_bad_sweep_arguments(tiny_data, checkpoints, tmp_path, capsys):
     with pytest.raises(SystemExit):
         sweep.main(sweep_args(tmp_path, tiny_data, checkpoints, "--shard", "3/2"))
     assert "need 1 <= i <= N" in capsys.readouterr().err
+    for environment, message in (({"SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_COUNT": "4", "SLURM_ARRAY_TASK_MIN": "0",
+                                   "SLURM_ARRAY_TASK_STEP": "2"}, "SLURM_ARRAY_TASK_STEP is 2"),
+                                 ({"SLURM_ARRAY_TASK_ID": "x"}, "pass --shard i/N")):
+        with pytest.MonkeyPatch.context() as patch:
+            for key, value in environment.items():
+                patch.setenv(key, value)
+            assert sweep.main(sweep_args(tmp_path, tiny_data, checkpoints)) == 2
+        assert message in capsys.readouterr().err
     args = sweep_args(tmp_path, tiny_data, checkpoints)
     args[args.index("7")] = "9"
     assert sweep.main(args) == 2

@@ -1,4 +1,7 @@
-"""The paper's data-free protocol: prune one group of a trained model, no fine-tuning, evaluate.
+"""The paper's protocol: prune one group (or several, or all) of a trained model, evaluate.
+
+Data-free by default, as in the paper; Settings can add a repair after pruning and fine-tuning
+(finetune_epochs > 0 trains every pruned copy before it is evaluated).
 
 Shared by main.py and the sweep scripts so every table is produced by the same code path.
 """
@@ -139,6 +142,17 @@ class PreparedModel:
     def num_groups(self) -> int:
         return len(self.groups)
 
+    def expand(self, group) -> list[int]:
+        """The group indices of a cell's group: an index, a list of them or "all"."""
+        return list(range(self.num_groups)) if group == "all" else \
+            list(group) if isinstance(group, (list, tuple)) else [group]
+
+    def first_stage(self, group) -> int:
+        """The first of the model's stages() that pruning `group` changes (0 without stages)."""
+        if not has_stages(self.folded):
+            return 0
+        return first_stage(self.folded, [name for g in self.expand(group) for name, _ in self.groups[g].members])
+
 
 def prepare(model: nn.Module, example: torch.Tensor, bn_fold: str | None) -> PreparedModel:
     """Fold a copy of `model` (the input is not changed) and list its groups, with one graph trace."""
@@ -193,10 +207,10 @@ class Protocol:
         elif prepared.bn_fold != settings.bn_fold:
             raise ValueError(f"the prepared model was folded with bn_fold={prepared.bn_fold!r}, "
                              f"the settings ask for {settings.bn_fold!r}")
+        self.prepared = prepared
         self.folded = prepared.folded  # cells prune copies; the repairs only read it
         self.batchnorm_of, self.ignored_names = prepared.batchnorm_of, prepared.ignored_names
         self.num_groups = prepared.num_groups
-        self.member_names = [[name for name, _ in info.members] for info in prepared.groups]
         # every cell prunes a copy of self.folded, so the scores of the first group it prunes repeat
         self.score_cache = (score_cache if score_cache is not None else {}) if reuse else None
         self.cache = None
@@ -213,7 +227,7 @@ class Protocol:
     def _accuracy(self, model: nn.Module, groups) -> float:
         if self.cache is None or groups is None or self.settings.finetune_epochs > 0:  # fine-tuning moves every layer
             return accuracy(model, self.inputs, self.labels, self.batch_size, self.device)
-        start = first_stage(model, [name for g in groups for name in self.member_names[g]])
+        start = self.prepared.first_stage(groups)
         logits = run_stages(model, self.cache.activations(start), start, None, self.batch_size, self.device)
         return (logits.argmax(dim=1) == self.labels).float().mean().item()
 
@@ -233,7 +247,7 @@ class Protocol:
     def prune_copy(self, groups, sparsity: float, method: str):
         """A pruned copy of the folded model, the per-group results and the pruning time."""
         check_method(method)
-        torch.manual_seed(self.settings.seed)  # the random criterion and GMM draws repeat per cell
+        torch.manual_seed(self.settings.seed)  # the random criterion's draws repeat per cell (GMM: random_state 0)
         model = copy.deepcopy(self.folded)
         started = time.perf_counter()
         pruner = IntraFusionPruner(model, self.example, importance=self._importance(),
@@ -271,20 +285,11 @@ class Protocol:
         elif self.settings.repair == "variance":
             repair_variance(self.model, self.folded, model, results, self.batchnorm_of)
 
-    def _expand(self, group) -> list[int]:
-        return list(range(self.num_groups)) if group == "all" else \
-            list(group) if isinstance(group, (list, tuple)) else [group]
-
-    def _start(self, group) -> int:
-        if self.cache is None:
-            return 0
-        return first_stage(self.folded, [name for g in self._expand(group) for name in self.member_names[g]])
-
     def run_cells(self, cells, progress=None) -> list[dict]:
         """Rows of (group, sparsity, method) cells, in the order given. They are computed in the order
         of their first pruned stage, from the input on, so the prefix cache only moves forward: the
         unpruned layers before the groups run once per protocol, not once per group."""
-        order = sorted(range(len(cells)), key=lambda i: self._start(cells[i][0]))
+        order = sorted(range(len(cells)), key=lambda i: self.prepared.first_stage(cells[i][0]))
         rows = {}
         for i in order:
             rows[i] = self.run_cell(*cells[i])
@@ -294,7 +299,7 @@ class Protocol:
 
     def run_cell(self, group, sparsity: float, method: str) -> dict:
         """One row: `group` is an index, a list of indices, or "all" (whole-network pruning)."""
-        groups = self._expand(group)
+        groups = self.prepared.expand(group)
         model, _, seconds = self.prune_copy(groups, sparsity, method)
         label = group if isinstance(group, int) else "all" if groups == list(range(self.num_groups)) \
             else " ".join(map(str, groups))
