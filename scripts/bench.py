@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """Benchmark the data-free protocol: the default main.py job with and without prefix reuse,
-a time split of one cell, and the transport solve for growing groups. Prints numbers only."""
+a time split of one cell, the transport solve for growing groups and for one wide (4096-channel)
+group. Prints numbers only."""
 from __future__ import annotations
 
 import argparse
@@ -16,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -25,7 +27,7 @@ from torch_pruning_ext.bn_folding import fold_batchnorms  # noqa: E402
 from torch_pruning_ext.experiments.checkpoints import load_model, resolve_checkpoint  # noqa: E402
 from torch_pruning_ext.experiments.data import calibration_set, dataset_info, load_split, normalize  # noqa: E402
 from torch_pruning_ext.experiments.evaluation import accuracy  # noqa: E402
-from torch_pruning_ext.optimal_transport import OptimalTransport  # noqa: E402
+from torch_pruning_ext.optimal_transport import OptimalTransport, _l1_kernel, _unit_rows  # noqa: E402
 from torch_pruning_ext.experiments.protocol import repair_images  # noqa: E402
 from torch_pruning_ext.pruner import IntraFusionPruner  # noqa: E402
 from torch_pruning_ext.repair import repair_by_reconstruction  # noqa: E402
@@ -77,6 +79,49 @@ def solve_times(sizes, solver: str, p: float) -> list[tuple[int, float, float]]:
     return out
 
 
+def wide_transport(n: int, k: int, width: int, cdist_rows: int) -> dict:
+    """Seconds of OptimalTransport().coupling for one wide group (n channels -> k, feature vectors of
+    `width` values, like a 4096-channel Linear layer), split into cost matrix and EMD solve; with
+    cdist_rows > 0 also torch.cdist(p=1) (the cost before the compiled kernel) on that many rows of the
+    same input, scaled to n rows, and whether its distances are bitwise those of the new cost."""
+    generator = torch.Generator().manual_seed(width)
+    features = torch.randn(n, width, generator=generator)
+    importance = torch.rand(n, generator=generator)
+    kept = torch.topk(importance, k).indices.sort().values
+    transport = OptimalTransport()
+    started = time.perf_counter()
+    transport.coupling(features, importance, kept)
+    out = {"total": time.perf_counter() - started, "cost": transport.last_cost_seconds,
+           "solve": transport.last_solve_seconds}
+    if cdist_rows:
+        vectors = features.double().numpy()
+        cost = transport.cost(vectors, vectors[kept.numpy()], kept.numpy())
+        rows = min(n, cdist_rows)
+        sources = torch.from_numpy(_unit_rows(vectors)[:rows]).float()  # as the cost was made before
+        targets = torch.from_numpy(_unit_rows(vectors[kept.numpy()])).float()
+        started = time.perf_counter()
+        reference = torch.cdist(sources, targets, p=1.0)
+        out["cdist"] = (time.perf_counter() - started) * n / rows
+        out["identical"] = bool(np.array_equal(reference.double().numpy(), cost[:rows]))
+    return out
+
+
+def print_wide_transport(cdist_rows: int) -> None:
+    n, k = 4096, 2048
+    print(f"\n== transport of one wide group, n={n} -> k={k}, emd, p=1 (seconds; kernel: "
+          f"{'compiled' if _l1_kernel() is not None else 'unavailable, torch.cdist'})")
+    for width in (4096, 25088):
+        numbers = wide_transport(n, k, width, cdist_rows)
+        line = (f"  width {width:<6} cost {numbers['cost']:7.2f}  solve {numbers['solve']:6.2f}  "
+                f"coupling total {numbers['total']:6.2f}")
+        if "cdist" in numbers:
+            scaled = "" if cdist_rows >= n else f" (timed on {cdist_rows} rows, x{n / cdist_rows:g})"
+            before = numbers["total"] - numbers["cost"] + numbers["cdist"]
+            line += (f"  | torch.cdist p=1 {numbers['cdist']:7.2f}{scaled}, same distances: "
+                     f"{numbers['identical']}; coupling total with it {before:6.2f}")
+        print(line, flush=True)
+
+
 def reconstruct_pass(model_name: str, space: str, samples: int, sparsity: float) -> dict:
     """Seconds and extra peak memory (max RSS growth) of one reconstruct pass over the whole network,
     measured in this process after everything else is loaded: run it in a fresh process."""
@@ -112,6 +157,10 @@ def main_bench(argv=None) -> int:
     parser.add_argument("--checkpoint", default=None)
     parser.add_argument("--skip-job", action="store_true", help="skip the (slow) whole-job comparison")
     parser.add_argument("--only-reconstruct", action="store_true", help="run only the reconstruct benchmark")
+    parser.add_argument("--only-wide-transport", action="store_true",
+                        help="run only the wide-group (4096-channel) transport benchmark")
+    parser.add_argument("--cdist-rows", type=int, default=256,
+                        help="rows on which the wide-group benchmark times torch.cdist p=1 (0: skip; 4096: all)")
     parser.add_argument("--reconstruct-pass", nargs=2, metavar=("MODEL", "SPACE"), default=None,
                         help=argparse.SUPPRESS)  # internal: one timed pass, printed as JSON
     args = parser.parse_args(argv)
@@ -125,6 +174,9 @@ def main_bench(argv=None) -> int:
     if args.only_reconstruct:
         print_reconstruct()
         return 0
+    if args.only_wide_transport:
+        print_wide_transport(args.cdist_rows)
+        return 0
 
     print("\n== one cell: VGG11-BN group 2, sparsity 0.5, intra_fusion (seconds)")
     for name, value in cell_split(args.checkpoint, 2, 0.5).items():
@@ -136,6 +188,7 @@ def main_bench(argv=None) -> int:
         sizes = [64, 256, 512, 1024, 2048, 4096]
         for n, total, solve in solve_times(sizes, solver, p):
             print(f"  {solver:<9}p={p} n={n:<5}{1000 * total:10.1f} {1000 * solve:10.1f}")
+    print_wide_transport(args.cdist_rows)
 
     print_reconstruct()
 

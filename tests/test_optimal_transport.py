@@ -100,3 +100,61 @@ def test_non_finite_features_are_refused():
     features[1, 1] = float("nan")
     with pytest.raises(ValueError, match="NaN or inf"):
         OptimalTransport().coupling(features, None, torch.tensor([0, 1]))
+
+
+def _unit(rows: torch.Tensor) -> torch.Tensor:
+    return rows / rows.norm(dim=1, keepdim=True)
+
+
+@pytest.fixture
+def l1_kernel():
+    if optimal_transport._l1_kernel() is None:
+        pytest.skip("no C compiler here: the p=1 cost falls back to torch.cdist")
+
+
+@pytest.mark.parametrize("n, k, d, block", [(37, 19, 301, 512), (130, 130, 700, 128), (65, 33, 1030, 256),
+                                            (5, 3, 2, 512), (1, 1, 9, 4)])
+def test_l1_kernel_gives_the_distances_of_torch_cdist_bitwise(l1_kernel, n, k, d, block):
+    # torch.cdist(p=1) on the CPU sums in float32 coordinate after coordinate; the kernel makes the same
+    # sums in the same order, so equality is exact, not to rounding (the EMD plan then cannot change)
+    generator = torch.Generator().manual_seed(n * d)
+    rows = _unit(torch.randn(n, d, generator=generator))
+    for kept in (torch.arange(k), torch.randperm(n, generator=generator)[:k]):
+        expected = torch.cdist(rows, rows[kept], p=1.0).numpy()
+        got = optimal_transport.l1_distances(rows.numpy(), kept=kept.numpy(), _block=block)  # symmetric block once
+        assert got.dtype == np.float32 and np.array_equal(got, expected)
+        assert np.array_equal(optimal_transport.l1_distances(rows.numpy(), rows[kept].numpy(), _block=block), expected)
+    others = _unit(torch.randn(k + 3, d, generator=generator))  # targets that are not sources
+    got = optimal_transport.l1_distances(rows.numpy(), others.numpy(), _block=block)
+    assert np.array_equal(got, torch.cdist(rows, others, p=1.0).numpy())
+    assert np.allclose(got, torch.cdist(rows.double(), others.double(), p=1.0).numpy(), rtol=1e-5, atol=0)
+
+
+def test_unit_rows_in_float32_block_by_block_are_the_whole_matrix_ones():
+    generator = torch.Generator().manual_seed(0)
+    for n, d in [(1, 1), (7, 3), (300, 9), (513, 1000)]:
+        vectors = torch.randn(n, d, generator=generator, dtype=torch.float64).numpy()
+        vectors[n // 2] = 0
+        expected = torch.from_numpy(optimal_transport._unit_rows(vectors)).float()
+        for layout in (vectors, np.asfortranarray(vectors)):
+            assert torch.equal(optimal_transport._unit_rows_float32(layout, block=64), expected)
+        assert torch.equal(optimal_transport._unit_rows_float32(vectors[::2]),
+                           torch.from_numpy(optimal_transport._unit_rows(vectors[::2])).float())
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_p1_kernel_leaves_the_cost_and_the_plan_unchanged(l1_kernel, monkeypatch, seed):
+    generator = torch.Generator().manual_seed(seed)
+    features, importance = torch.randn(96, 300, generator=generator), torch.rand(96, generator=generator)
+    kept = torch.randperm(96, generator=generator)[:48]  # any order: rows of the plan follow kept
+    transports = [OptimalTransport(), OptimalTransport(source_prob="importance", target_prob="importance")]
+    vectors = features.double().numpy()
+    monkeypatch.setattr(optimal_transport, "COMPILED_L1_MIN_TERMS", 0)
+    new_cost = transports[0].cost(vectors, vectors[kept.numpy()], kept.numpy())
+    new = [transport.coupling(features, importance, kept) for transport in transports]
+    monkeypatch.setattr(optimal_transport, "_l1_function", False)  # what the code did before: torch.cdist
+    old_cost = transports[0].cost(vectors, vectors[kept.numpy()], kept.numpy())
+    old = [transport.coupling(features, importance, kept) for transport in transports]
+    assert np.array_equal(new_cost, old_cost)
+    for before, after in zip(old, new):
+        assert torch.equal(before, after)
