@@ -27,7 +27,8 @@ from torch_pruning_ext.bn_folding import fold_batchnorms  # noqa: E402
 from torch_pruning_ext.experiments.checkpoints import load_model, resolve_checkpoint  # noqa: E402
 from torch_pruning_ext.experiments.data import calibration_set, dataset_info, load_split, normalize  # noqa: E402
 from torch_pruning_ext.experiments.evaluation import accuracy  # noqa: E402
-from torch_pruning_ext.optimal_transport import OptimalTransport, _l1_kernel, _unit_rows  # noqa: E402
+from torch_pruning_ext.l1_kernel import l1_kernel  # noqa: E402
+from torch_pruning_ext.optimal_transport import OptimalTransport, _unit_rows  # noqa: E402
 from torch_pruning_ext.experiments.protocol import repair_images  # noqa: E402
 from torch_pruning_ext.pruner import IntraFusionPruner  # noqa: E402
 from torch_pruning_ext.repair import repair_by_reconstruction  # noqa: E402
@@ -109,7 +110,7 @@ def wide_transport(n: int, k: int, width: int, cdist_rows: int) -> dict:
 def print_wide_transport(cdist_rows: int) -> None:
     n, k = 4096, 2048
     print(f"\n== transport of one wide group, n={n} -> k={k}, emd, p=1 (seconds; kernel: "
-          f"{'compiled' if _l1_kernel() is not None else 'unavailable, torch.cdist'})")
+          f"{'compiled' if l1_kernel() is not None else 'unavailable, torch.cdist'})")
     for width in (4096, 25088):
         numbers = wide_transport(n, k, width, cdist_rows)
         line = (f"  width {width:<6} cost {numbers['cost']:7.2f}  solve {numbers['solve']:6.2f}  "

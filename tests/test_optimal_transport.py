@@ -1,3 +1,4 @@
+import sys
 import warnings
 
 import numpy as np
@@ -5,6 +6,7 @@ import pytest
 import torch
 
 from torch_pruning_ext import OptimalTransport, identity_map, optimal_transport, transport_maps
+from torch_pruning_ext import l1_kernel as kernel
 
 
 def test_coupling_has_the_requested_marginals():
@@ -108,7 +110,7 @@ def _unit(rows: torch.Tensor) -> torch.Tensor:
 
 @pytest.fixture
 def l1_kernel():
-    if optimal_transport._l1_kernel() is None:
+    if kernel.l1_kernel() is None:
         pytest.skip("no C compiler here: the p=1 cost falls back to torch.cdist")
 
 
@@ -152,9 +154,15 @@ def test_the_p1_kernel_leaves_the_cost_and_the_plan_unchanged(l1_kernel, monkeyp
     monkeypatch.setattr(optimal_transport, "COMPILED_L1_MIN_TERMS", 0)
     new_cost = transports[0].cost(vectors, vectors[kept.numpy()], kept.numpy())
     new = [transport.coupling(features, importance, kept) for transport in transports]
-    monkeypatch.setattr(optimal_transport, "_l1_function", False)  # what the code did before: torch.cdist
+    monkeypatch.setattr(kernel, "_l1_function", False)  # what the code did before: torch.cdist
     old_cost = transports[0].cost(vectors, vectors[kept.numpy()], kept.numpy())
     old = [transport.coupling(features, importance, kept) for transport in transports]
     assert np.array_equal(new_cost, old_cost)
     for before, after in zip(old, new):
         assert torch.equal(before, after)
+
+
+def test_cluster_centroids_without_scikit_learn_say_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "sklearn.mixture", None)  # as if scikit-learn were not installed
+    with pytest.raises(ImportError, match="target='cluster_centroid' fits a Gaussian mixture with scikit-learn"):
+        OptimalTransport(target="cluster_centroid").coupling(torch.randn(6, 4), None, torch.tensor([0, 1]))
