@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from torch_pruning_ext import IntraFusionPruner, OptimalTransport  # noqa: E402
 from torch_pruning_ext.experiments.cli import OneLineParser, run_cli  # noqa: E402
+from torch_pruning_ext.experiments.models import randomize_batchnorms  # noqa: E402
 from torch_pruning_ext.files import atomic_write_text  # noqa: E402
 from torch_pruning_ext.groups import output_layers, trace_graph  # noqa: E402
 
@@ -53,17 +54,7 @@ FIELDS = ["model", "sparsity", "method", "groups", "fused", "fallbacks", "params
 def randomized(builder, seed: int = 0) -> torch.nn.Module:
     """The model with random weights and BatchNorm statistics a trained model could have."""
     torch.manual_seed(seed)
-    model = builder().eval()
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-                size = module.num_features
-                module.running_mean.copy_(torch.randn(size, generator=generator) * 0.1)
-                module.running_var.copy_(torch.rand(size, generator=generator) + 0.5)
-                module.weight.copy_(torch.rand(size, generator=generator) + 0.5)
-                module.bias.copy_(torch.randn(size, generator=generator) * 0.1)
-    return model
+    return randomize_batchnorms(builder(), seed)
 
 
 def params(model) -> int:

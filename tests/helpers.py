@@ -7,23 +7,9 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 
+from torch_pruning_ext.experiments.models import randomize_batchnorms  # noqa: F401  (tests import it from here)
 from torch_pruning_ext.fusion import group_members
 from torch_pruning_ext.groups import full_group
-
-
-def randomize_batchnorms(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Give every BN non-trivial statistics and affine parameters, as a trained model has."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-                size = module.num_features
-                module.running_mean.copy_(torch.randn(size, generator=generator) * 0.1)
-                module.running_var.copy_(torch.rand(size, generator=generator) + 0.5)
-                if module.affine:
-                    module.weight.copy_(torch.rand(size, generator=generator) + 0.5)
-                    module.bias.copy_(torch.randn(size, generator=generator) * 0.1)
-    return model.eval()
 
 
 def write_idx(path, array):

@@ -120,5 +120,20 @@ def build_model(name: str, num_classes: int) -> nn.Module:
     return MODEL_BUILDERS[name](int(num_classes))
 
 
+def randomize_batchnorms(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give every BN non-trivial statistics and affine parameters, as a trained model has."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                size = module.num_features
+                module.running_mean.copy_(torch.randn(size, generator=generator) * 0.1)
+                module.running_var.copy_(torch.rand(size, generator=generator) + 0.5)
+                if module.affine:
+                    module.weight.copy_(torch.rand(size, generator=generator) + 0.5)
+                    module.bias.copy_(torch.randn(size, generator=generator) * 0.1)
+    return model.eval()
+
+
 for _name in MODEL_BUILDERS:  # saved pruned models name these; load_pruned finds them once this module is imported
     register_builder(_name, partial(build_model, _name))
