@@ -1,5 +1,8 @@
 #!/usr/bin/env python
-"""The paper's data-free protocol: default pruning vs Intra-Fusion, one group at a time, no fine-tuning.
+"""The paper's protocol: default pruning vs Intra-Fusion, one group at a time (or "all").
+
+Data-free by default (no fine-tuning, no repair), as in the paper; --finetune-epochs fine-tunes every
+pruned model and --repair adds a repair step.
 
 `python main.py` runs VGG11-BN on the shipped Fashion-MNIST checkpoint and bundled test set.
 """

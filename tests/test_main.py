@@ -232,9 +232,31 @@ def test_save_pruned_from_the_cli(tiny_data, checkpoints, run_main, tmp_path):
 
 def test_repair_modes_from_the_cli(tiny_data, checkpoints, run_main, tmp_path):
     args = ["--checkpoint", checkpoints[("vgg11_bn", 10)], "--data-dir", tiny_data, "--group_idxs", 1,
-            "--sparsities", 0.7, "--methods", "intra_fusion", "--output", tmp_path / "rows.csv"]
+            "--sparsities", 0.7, "--methods", "intra_fusion", "--output", tmp_path / "rows.csv",
+            "--save-pruned", tmp_path / "pruned"]
     for mode in ("none", "data", "data_downstream", "datafree"):
         assert run_main(*args, "--repair", mode, "--repair-samples", 64)[0] == 0
+    from torch_pruning_ext import fold_batchnorms, load_pruned
+    from torch_pruning_ext.repair import layer_statistics
+    stem = tmp_path / "pruned" / "vgg11_bn_fashion-mnist_l1_g1_s0.7_intra_fusion"
+    suffix = {"none": "", "data": "_repair-data_repair-samples-64",
+              "data_downstream": "_repair-data_downstream_repair-samples-64", "datafree": "_repair-datafree"}
+    saved = {mode: load_pruned(f"{stem}{end}.pt") for mode, end in suffix.items()}
+    original = load_model(checkpoints[("vgg11_bn", 10)], "vgg11_bn", "fashion-mnist", 10).model.eval()
+    fold_batchnorms(original, torch.randn(1, 3, 32, 32), "reference")  # what the CLI pruned
+    inputs = normalize(load_split("fashion-mnist", "test", tiny_data).images, dataset_info("fashion-mnist"))
+    # group 1 = features.22 (producer) and features.25 (consumer, keeps its 512 outputs): the data repairs
+    # bring the consumer's output statistics, shifted by fusion, back to the original's
+    target = layer_statistics(original, ["features.25"], inputs)["features.25"]
+    gaps = {}
+    for mode, model in saved.items():
+        stats = layer_statistics(model, ["features.25"], inputs)["features.25"]
+        gaps[mode] = max((stats[i] - target[i]).abs().max().item() for i in (0, 1))
+    assert gaps["data"] < 0.2 * gaps["none"] and gaps["data_downstream"] < 0.2 * gaps["none"]
+    # the data-free repair rescales the fused producer and leaves the consumer alone
+    layers = {mode: dict(model.named_modules()) for mode, model in saved.items()}
+    assert not torch.allclose(layers["datafree"]["features.22"].weight, layers["none"]["features.22"].weight)
+    assert torch.equal(layers["datafree"]["features.25"].weight, layers["none"]["features.25"].weight)
     rows = read_rows(tmp_path / "rows.csv")
     assert sorted({r["repair"] for r in rows}) == ["data", "data_downstream", "datafree", "none"]
     assert len([r for r in rows if r["method"] == "intra_fusion"]) == 4
@@ -246,13 +268,20 @@ def test_repair_modes_from_the_cli(tiny_data, checkpoints, run_main, tmp_path):
 
 def test_finetuning_after_pruning(tiny_data, checkpoints, run_main, tmp_path):
     args = ["--checkpoint", checkpoints[("vgg11_bn", 10)], "--data-dir", tiny_data, "--group_idxs", 1,
-            "--sparsities", 0.7, "--methods", "default", "--output", tmp_path / "rows.csv"]
+            "--sparsities", 0.7, "--methods", "default", "--output", tmp_path / "rows.csv",
+            "--save-pruned", tmp_path / "pruned"]
     assert run_main(*args, "--finetune-epochs", 0.25)[0] == 0
     assert run_main(*args)[0] == 0
     rows = [r for r in read_rows(tmp_path / "rows.csv") if r["method"] == "default"]
     assert sorted(r["finetune_epochs"] for r in rows) == ["0.0", "0.25"]
-    tuned = [r for r in rows if r["finetune_epochs"] == "0.25"][0]
-    assert float(tuned["prune_seconds"]) > 0 and tuned["params"] == "5921493"
+    assert {r["params"] for r in rows} == {"5921493"}  # fine-tuning keeps the pruned shape
+    from torch_pruning_ext import load_pruned
+    stem = tmp_path / "pruned" / "vgg11_bn_fashion-mnist_l1_g1_s0.7_default"
+    plain, tuned = load_pruned(f"{stem}.pt"), load_pruned(f"{stem}_finetune-epochs-0.25.pt")
+    # fine-tuning trains every layer, also those pruning never touches (the first conv, the classifier)
+    for name in ("features.0", "classifier"):
+        before, after = dict(plain.named_modules())[name].weight, dict(tuned.named_modules())[name].weight
+        assert before.shape == after.shape and not torch.allclose(before, after), name
 
 
 def test_gate_criterion_needs_a_gated_checkpoint(tiny_data, checkpoints, run_main, tmp_path):

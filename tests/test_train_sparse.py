@@ -1,6 +1,7 @@
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
@@ -15,14 +16,21 @@ def run(method, tiny_data, checkpoints, out, *extra):
 
 
 def test_gate_lambda_sweep_writes_checkpoints_histograms_and_summary(tiny_data, checkpoints, tmp_path):
-    assert run("gates", tiny_data, checkpoints, tmp_path, "--lambdas", "1e-5", "1e-3") == 0
+    # half an epoch is one Adam step of the gate scores: a large gate lr lets it close gates
+    assert run("gates", tiny_data, checkpoints, tmp_path, "--lambdas", "1e-5", "1", "--gate-lr", "100") == 0
     rows = read_rows(tmp_path / "summary.csv")
-    assert [r["setting"] for r in rows] == ["lambda=1e-05", "lambda=0.001"]
-    assert all(0 <= float(r["gate_sparsity"]) <= 1 for r in rows)
+    assert [r["setting"] for r in rows] == ["lambda=1e-05", "lambda=1"]
+    sparsity = []
+    for row, lam in zip(rows, ("1e-05", "1")):
+        gates = torch.load(tmp_path / f"vgg11_bn_gates_channel_{lam}.checkpoint", weights_only=True)["gates"]
+        closed = torch.cat([g.flatten() for g in gates.values()]) < train_sparse.CLOSED
+        assert float(row["gate_sparsity"]) == pytest.approx(closed.float().mean().item(), abs=1e-6)
+        sparsity.append(float(row["gate_sparsity"]))
+    assert 0 < sparsity[0] < sparsity[1]  # the penalty closes more gates the larger lambda is
     assert (tmp_path / "gates_channel_1e-05.png").read_bytes()[:4] == b"\x89PNG"
-    saved = torch.load(tmp_path / "vgg11_bn_gates_channel_0.001.checkpoint", weights_only=True)
+    saved = torch.load(tmp_path / "vgg11_bn_gates_channel_1.checkpoint", weights_only=True)
     assert saved["gates"]["features.0"].shape == (64,) and "classifier" not in saved["gates"]
-    loaded = load_model(tmp_path / "vgg11_bn_gates_channel_0.001.checkpoint", "vgg11_bn", "fashion-mnist", 10)
+    loaded = load_model(tmp_path / "vgg11_bn_gates_channel_1.checkpoint", "vgg11_bn", "fashion-mnist", 10)
     assert loaded.gates and abs(float(rows[1]["accuracy"]) - 100 * saved["test_accuracy"]) < 1e-6
 
 

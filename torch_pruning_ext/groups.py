@@ -1,7 +1,9 @@
-"""Group numbering of the paper (SPEC section 2) and a readable listing of a model's groups.
+"""Group numbering of the paper and a readable listing of a model's groups.
 
-torch-pruning enumerates groups in trace order; the paper walks ``named_modules()`` backwards, so
-group 0 is the one nearest the output. Numbers must match the paper for its tables to make sense.
+torch-pruning enumerates groups in trace order; the paper's released code walks ``named_modules()``
+backwards over Conv/Linear roots (skipping a layer already pruned as an out-channel member of an
+earlier group, and leaving unnumbered a group whose out-channel members include an ignored layer),
+so group 0 is the one nearest the output. Numbers must match the paper for its tables to make sense.
 """
 from __future__ import annotations
 

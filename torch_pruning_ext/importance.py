@@ -1,7 +1,12 @@
-"""Importance criteria by name (SPEC section 4), plus any torch-pruning Importance object.
+"""Importance criteria by name, plus any torch-pruning Importance object.
 
-Data-driven criteria (taylor, chip) implement ``prepare(model, group, batches)``, which the pruner
-calls right before scoring each group, so the scores see the model as already pruned so far.
+The magnitude criteria (l1, l2, linf) score a channel as in the released code: its weight rows
+(out-channels) and columns (in-channels) in every Conv/Linear member of the group, averaged over the
+members and divided by the mean over channels; BatchNorm members do not count.
+
+The data-driven criteria (DATA_CRITERIA: taylor, chip, taylor_fm, thinet) implement
+``prepare(model, group, batches)``, which the pruner calls right before scoring each group, so the
+scores see the model as already pruned so far (gate implements it too, only to learn layer names).
 """
 from __future__ import annotations
 

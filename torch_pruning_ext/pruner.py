@@ -1,7 +1,7 @@
 """Prune numbered groups one after another, with default pruning or Intra-Fusion.
 
-Each group's importance is computed after the previous groups were fused and pruned (SPEC 2),
-so pruning several groups in one call equals pruning them in sequence.
+Each group's importance is computed after the previous groups were fused and pruned (as the released
+code does), so pruning several groups in one call equals pruning them in sequence.
 """
 from __future__ import annotations
 
@@ -69,7 +69,8 @@ class IntraFusionPruner:
     fold_bn: None (default: the model's BatchNorms are left as they are; unfolded ones are fused
     along the transport map) or "exact" / "reference" to fold them into the preceding layers first,
     as the paper does (the same as calling fold_batchnorms before).
-    calibration_batches: (inputs, labels) batches for data-driven criteria (taylor, chip).
+    calibration_batches: (inputs, labels) batches for the data-driven criteria (importance.DATA_CRITERIA:
+    taylor, chip, taylor_fm, thinet).
     score_cache: a dict shared by pruners of identical copies of one model (same criterion and
     batches): the data-driven criteria's scores of groups measured before the model changes are
     kept there by group index and reused, so each costs one pass over the batches, not one per copy.

@@ -24,7 +24,7 @@ class DatasetInfo:
     std: tuple[float, float, float]
 
 
-# CIFAR uses the normalisation of the released code (SPEC section 6).
+# CIFAR uses the normalisation of the released code: ImageNet's mean and std, not CIFAR's own.
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 DATASETS = {
     "cifar10": DatasetInfo("cifar10", 10, IMAGENET_MEAN, IMAGENET_STD),
