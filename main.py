@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from torch_pruning_ext.experiments.checkpoints import load_model, resolve_checkpoint
-from torch_pruning_ext.experiments.cli import OneLineParser, choice, run_cli, sparsity
+from torch_pruning_ext.experiments.cli import OneLineParser, choice, device, positive_int, run_cli, sparsity
 from torch_pruning_ext.experiments.data import DATASETS, calibration_batches, calibration_set, dataset_info, load_split, normalize
 from torch_pruning_ext.experiments.evaluation import EVAL_BATCH_SIZE
 from torch_pruning_ext.importance import CRITERIA, DATA_CRITERIA, THINET_SAMPLES
@@ -68,12 +68,12 @@ def build_parser() -> OneLineParser:
     add("--finetune-epochs", "--finetune_epochs", type=float, default=0,
         help="fine-tune every pruned model this many epochs (fractions allowed; default 0 = data-free)")
     add("--gpu_id", "--gpu-id", type=int, default=-1, help="CUDA device index, -1 = CPU")
-    add("--device", default=None, help="torch device string, overrides --gpu_id (cpu, cuda:0, ...)")
+    add("--device", type=device, default=None, help="torch device string, overrides --gpu_id (cpu, cuda:0, ...)")
     add("--taylor-batches", "--taylor_batches", type=int, default=TAYLOR_BATCHES,
         help="training batches of 128 for the data-driven criteria (taylor, chip, taylor_fm, thinet)")
     add("--thinet-samples", "--thinet_samples", type=int, default=THINET_SAMPLES,
         help="sampled outputs per consuming layer for the thinet criterion")
-    add("--batch-size", "--batch_size", type=int, default=EVAL_BATCH_SIZE, help="evaluation batch size")
+    add("--batch-size", "--batch_size", type=positive_int, default=EVAL_BATCH_SIZE, help="evaluation batch size")
     add("--seed", type=int, default=0)
     add("--output", default=None, help="write rows to FILE.csv or FILE.json (merged with rows already there)")
     add("--no-reuse", "--no_reuse", action="store_true",
@@ -95,20 +95,16 @@ def group_index(value: str):
 
 
 def pick_device(args) -> torch.device:
-    name = args.device or ("cpu" if args.gpu_id < 0 else f"cuda:{args.gpu_id}")
+    if args.device is not None:
+        return args.device
     try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"unknown device {name!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name} requested but CUDA is not available; use --gpu_id -1 for the CPU")
-    return device
+        return device("cpu" if args.gpu_id < 0 else f"cuda:{args.gpu_id}")
+    except argparse.ArgumentTypeError as error:
+        raise ValueError(f"--gpu_id {args.gpu_id}: {str(error).split(';')[0]}; use --gpu_id -1 for the CPU") from None
 
 
 def run(args) -> int:
     device = pick_device(args)
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be a positive integer, got {args.batch_size}")
     sizes = {criterion: data_sizes(criterion, args.repair, args.taylor_batches, args.repair_samples,
                                    args.thinet_samples) for criterion in args.importance_criteria}
     check_schedule(args.schedule, args.max_layer_sparsity)

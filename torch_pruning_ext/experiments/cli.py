@@ -8,6 +8,7 @@ import torch
 
 from .checkpoints import CheckpointError
 from .data import DatasetUnavailable
+from ..checks import check_choice
 from ..pruner import check_sparsity
 
 USER_ERRORS = (ValueError, CheckpointError, DatasetUnavailable)
@@ -23,9 +24,10 @@ class OneLineParser(argparse.ArgumentParser):
 def choice(allowed, what):
     """An argparse type accepting only `allowed`, with a message that lists them."""
     def check(value):
-        if value not in allowed:
-            raise argparse.ArgumentTypeError(f"unknown {what} {value!r}; choose one of: {', '.join(allowed)}")
-        return value
+        try:
+            return check_choice(value, allowed, what)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
     return check
 
 
