@@ -105,11 +105,13 @@ def test_random_is_seeded_and_names_are_checked():
     assert build_importance(custom) is custom
 
 
-def test_pruner_uses_calibration_batches_for_taylor():
+@pytest.mark.parametrize("under_no_grad", [False, True])
+def test_pruner_uses_calibration_batches_for_taylor(under_no_grad):
     model = _tiny_with_dead_channel()
-    pruner = IntraFusionPruner(model, torch.randn(1, 3, 8, 8), importance="taylor", fold_bn=None,
-                               calibration_batches=_batches())
-    result = pruner.prune([pruner.roots.index(model.conv1)], 0.1)[0]
+    with torch.set_grad_enabled(not under_no_grad):  # the graph trace and Taylor's backward still work
+        pruner = IntraFusionPruner(model, torch.randn(1, 3, 8, 8), importance="taylor", fold_bn=None,
+                                   calibration_batches=_batches())
+        result = pruner.prune([pruner.roots.index(model.conv1)], 0.1)[0]
     assert result.pruned == [2] and model.conv1.out_channels == 5
     assert all(p.grad is None for p in model.parameters())
 

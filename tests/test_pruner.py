@@ -243,3 +243,9 @@ def test_the_reference_rule_on_several_groups_warns():
     pruner = IntraFusionPruner(model, torch.randn(1, 3, 8, 8), fold_bn=None)
     with pytest.warns(UserWarning, match="use fusion_rule='function_preserving' for several groups"):
         pruner.prune("all", 0.5, OptimalTransport(), fusion_rule="reference")
+
+
+def test_example_inputs_the_model_cannot_run_are_refused_in_one_line(make_model):
+    with pytest.raises(ValueError, match=r"^the model does not run on example inputs of shape 1x1x32x32: ") as caught:
+        IntraFusionPruner(make_model("vgg11_bn"), torch.randn(1, 1, 32, 32))
+    assert "\n" not in str(caught.value)

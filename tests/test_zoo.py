@@ -1,6 +1,7 @@
 """Models nobody here wrote: torchvision builders with random weights and randomised BatchNorm
 (scripts/zoo.py builds them and writes docs/ZOO.md), plus small grouped-convolution models."""
 import copy
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -9,6 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch_pruning as tp
+import torchvision
 
 from torch_pruning_ext import IntraFusionPruner, OptimalTransport
 
@@ -20,6 +22,14 @@ ALLOWED_FALLBACKS = ("LayerNorm", "LayerNorm2d", "MultiheadAttention")
 SMALL = ["resnet18", "resnext50_32x4d", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "densenet121",
          "googlenet", "squeezenet1_1", "mnasnet0_5", "regnet_x_400mf", "regnet_y_400mf", "convnext_tiny", "vit_tiny"]
 WIDE = ["wide_resnet50_2", "vgg11_bn", "alexnet"]  # 4096-wide or very wide layers: fusion takes longer
+
+
+@pytest.mark.parametrize("name, message", [("shufflenet_v2_x0_5", "channel-shuffle views"),
+                                           ("swin_t", "features.1.0.attn (shifted-window attention (Swin))")])
+def test_models_torch_pruning_cannot_trace_are_refused_at_once(name, message):
+    model = getattr(torchvision.models, name)(num_classes=10).eval()
+    with pytest.raises(ValueError, match=re.escape(message)):
+        IntraFusionPruner(model, torch.randn(1, 3, 64, 64))
 
 
 class IdentityTransport:
