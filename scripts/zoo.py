@@ -106,7 +106,7 @@ def page(rows: list[dict], command: str) -> str:
              "(it is merged along the transport map), inputs 2 x 3 x 64 x 64 (ViT: 32 x 32), the whole network",
              f"pruned at sparsity {rows[0]['sparsity']} with the function-preserving rule. `MetaPruner` is",
              "torch-pruning's own pruner at the same ratio (L1 importance, same ignored output layers): our",
-             "parameter count should match it. Seconds: pruning (and fusion) on this machine's 2 CPU cores.",
+             "parameter count should match it. Seconds: graph trace, pruning and fusion on this machine's 2 CPU cores (idle).",
              "A group falls back (pruned without fusion, with a warning naming the layer) only where its",
              "channels pass through a layer that mixes them: LayerNorm, multi-head attention.", "",
              f"Regenerate: `{command}`", "",
