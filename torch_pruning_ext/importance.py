@@ -24,6 +24,15 @@ THINET_SAMPLES = 1024  # ThiNet's default number of sampled outputs per consumin
 _WEIGHTED = [nn.modules.conv._ConvNd, nn.Linear]
 
 
+class RandomImportance(tp.importance.Importance):
+    """Uniform random scores from torch's generator, so torch.manual_seed repeats them (torch-pruning
+    1.6.0's own RandomImportance shuffles with Python's `random`, which torch's seed does not fix)."""
+
+    @torch.no_grad()
+    def __call__(self, group, **kwargs):
+        return torch.rand(len(group[0].idxs))
+
+
 class LinfImportance(tp.importance.GroupMagnitudeImportance):
     """Largest absolute weight of each channel's rows/columns, averaged over members, / mean."""
 
@@ -327,7 +336,7 @@ def build_importance(criterion, gates: dict | None = None,
         "linf": LinfImportance,
         "taylor": TaylorImportance,
         "lamp": tp.importance.LAMPImportance,
-        "random": tp.importance.RandomImportance,
+        "random": RandomImportance,
         "chip": ChipImportance,
         "taylor_fm": FeatureMapTaylorImportance,
         "thinet": lambda: ThiNetImportance(THINET_SAMPLES if thinet_samples is None else thinet_samples),
