@@ -187,7 +187,8 @@ def sweep(args) -> int:
     planned, prepared = [], {}  # model name -> its folded copy and groups, traced once for every protocol
     for loaded, block in blocks:
         name = block[0].model
-        prepared.setdefault(name, prepare(loaded.model, inputs[:1], args.bn_fold))
+        if name not in prepared:
+            prepared[name] = prepare(loaded.model, inputs[:1], args.bn_fold)
         # from the input on, so the protocols' prefix cache only moves forward
         groups = sorted(expand_groups(args.groups, prepared[name].num_groups, name), key=prepared[name].first_stage)
         planned += [(loaded, settings, cell) for settings, cell in

@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 
-from tests.helpers import FirstOfPairs, make_twins
+from tests.helpers import FirstOfPairs, make_twins, randomize_batchnorms
 from torch_pruning_ext import IntraFusionPruner, OptimalTransport, identity_map, list_groups
 from torch_pruning_ext.fusion import fuse_members, group_members, prune_channels
 from torch_pruning_ext.groups import full_group
@@ -249,3 +249,20 @@ def test_example_inputs_the_model_cannot_run_are_refused_in_one_line(make_model)
     with pytest.raises(ValueError, match=r"^the model does not run on example inputs of shape 1x1x32x32: ") as caught:
         IntraFusionPruner(make_model("vgg11_bn"), torch.randn(1, 1, 32, 32))
     assert "\n" not in str(caught.value)
+
+
+class _UnfoldedBN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.head = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.bn(self.conv(x))))
+
+
+def test_the_reference_rule_leaves_an_unfolded_batchnorm_to_plain_pruning():
+    # its producer rows are sums, which averaged statistics would no longer centre
+    model = randomize_batchnorms(_UnfoldedBN())
+    with pytest.warns(UserWarning, match="bn: per-channel statistics or scales, which only the function_preserving"):
+        result, = IntraFusionPruner(model, torch.randn(1, 3, 8, 8)).prune([0], 0.5, OptimalTransport())
+    assert not result.fused

@@ -158,3 +158,73 @@ def test_twins_within_conv_blocks_merge_exactly_under_the_function_preserving_ru
     assert result.fused and sorted(result.pruned) == [2, 3, 6, 7]
     with torch.no_grad():
         assert (model(x) - before).abs().max() < 1e-5
+
+
+class TwoGrouped(nn.Module):
+    """conv -> grouped conv (groups=2) -> grouped conv (groups=2) -> head: 6 channels, 3 per block."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 6, 3, padding=1)
+        self.b = nn.Conv2d(6, 6, 3, padding=1, groups=2)
+        self.c = nn.Conv2d(6, 6, 1, groups=2)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(self.c(torch.relu(self.b(torch.relu(self.a(x))))).mean((2, 3)))
+
+
+def test_a_grouped_conv_pruned_to_one_channel_per_block_stays_grouped():
+    torch.manual_seed(0)
+    model = TwoGrouped().eval()
+    x = torch.randn(2, 3, 8, 8)
+    pruner = IntraFusionPruner(model, x[:1])
+    results = pruner.prune("all", 0.5, OptimalTransport(), fusion_rule="function_preserving")
+    assert all(r.fused for r in results)
+    for result in results:  # every block lost the same local positions
+        assert [c for c in result.pruned if c < 3] == [c - 3 for c in result.pruned if c >= 3]
+    assert model(x).shape == (2, 3)
+
+
+def test_global_pruning_with_conv_blocks_respects_the_cap():
+    torch.manual_seed(0)
+    model = TwoGrouped().eval()
+    x = torch.randn(2, 3, 8, 8)
+    results = IntraFusionPruner(model, x[:1]).prune("all", 0.6, global_pruning=True, max_group_sparsity=0.5)
+    assert all(len(r.pruned) <= r.channels // 2 for r in results)
+    assert model(x).shape == (2, 3)
+
+
+class CatIntoGrouped(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 1)
+        self.grouped = nn.Conv2d(8, 8, 1, groups=2)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.head(self.grouped(torch.cat([self.a(x), self.b(x)], 1)).mean((2, 3)))
+
+
+def test_a_group_that_cannot_be_pruned_consistently_stops_before_any_change():
+    model = CatIntoGrouped().eval()
+    shapes = [p.shape for p in model.parameters()]
+    pruner = IntraFusionPruner(model, torch.randn(1, 3, 4, 4))
+    with pytest.raises(ValueError, match="takes channels from several groups"):
+        pruner.prune("all", 0.5)
+    assert [p.shape for p in model.parameters()] == shapes
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v2", "vit_tiny"])
+def test_saved_pruned_zoo_models_load_back_exactly(name, tmp_path):
+    from torch_pruning_ext import load_pruned, register_builder, save_pruned
+    builder, side = zoo.FAMILIES[name]
+    register_builder(f"zoo_{name}", lambda num_classes: builder())
+    model = zoo.randomized(builder)
+    x = torch.randn(2, 3, side, side)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        IntraFusionPruner(model, x[:1]).prune("all", 0.5, OptimalTransport(), fusion_rule="function_preserving")
+    save_pruned(model, tmp_path / "m.pt", f"zoo_{name}", 10)
+    with torch.no_grad():
+        assert torch.equal(load_pruned(tmp_path / "m.pt")(x), model(x))

@@ -15,8 +15,14 @@ import torch.nn as nn
 from torch_pruning.pruner import function as F
 
 
-def _grouped(module) -> bool:
-    return isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1 and module.groups != module.out_channels
+_GROUPED_FNS = {F.prune_conv_out_channels, F.prune_conv_in_channels}  # depthwise convs get their own
+
+
+def _grouped(item) -> bool:
+    """A grouped, not depthwise, convolution: told by the handler torch-pruning chose when it traced
+    the model (a grouped conv pruned to one channel per block must stay grouped)."""
+    module = item.dep.target.module
+    return isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1 and item.dep.handler in _GROUPED_FNS
 
 
 def channel_blocks(group, n: int, names: dict) -> int:
@@ -25,7 +31,7 @@ def channel_blocks(group, n: int, names: dict) -> int:
     blocks = 1
     for item in group.items:
         module = item.dep.target.module
-        if not _grouped(module):
+        if not _grouped(item):
             continue
         side = module.out_channels if item.dep.handler == F.prune_conv_out_channels else module.in_channels
         position = {int(root): int(idx) for idx, root in zip(item.idxs, item.root_idxs) if root is not None}

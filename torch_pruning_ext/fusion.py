@@ -79,10 +79,12 @@ def _positions(idxs, root_idxs, n: int, name: str) -> torch.Tensor:
     return torch.tensor([sorted(p) for p in per_channel], dtype=torch.long)
 
 
-def group_members(group, n: int, names: dict, strict: bool = True) -> list[Member]:
+def group_members(group, n: int, names: dict, strict: bool = True, rule: str = "function_preserving") -> list[Member]:
     """Classify the group's items; raises UnsupportedGroup naming any member fusion cannot mix.
 
     strict=False skips such members instead (zeroing channels needs only the Conv/Linear ones).
+    Under the reference rule, whose producer rows are sums, per-channel statistics and scales cannot
+    follow (an average would no longer centre a summed channel): such "affine" members are refused.
     """
     members = []
     for item in group.items:
@@ -94,6 +96,9 @@ def group_members(group, n: int, names: dict, strict: bool = True) -> list[Membe
             if strict:
                 raise
             continue
+        if role == "affine" and rule == "reference" and strict:
+            raise UnsupportedGroup(f"{name}: per-channel statistics or scales, which only the function_preserving "
+                                   "rule merges (or fold BatchNorm first)")
         if role is not None:
             members.append(Member(name, module, role, positions, dim))
     return members
@@ -102,6 +107,9 @@ def group_members(group, n: int, names: dict, strict: bool = True) -> list[Membe
 def _classify(module, fn, name: str, item, n: int):
     """(role, positions, dim) of one group item; role None for weightless nodes (reshape, add, ...)."""
     if isinstance(module, nn.Parameter):
+        # torch-pruning prunes a bare parameter along its last non-singleton dimension (its output side
+        # for x @ W): its slices are averaged like producer rows, right for scales, biases, tokens and
+        # additive embeddings
         dim = getattr(item.dep.target, "pruning_dim", -1) % module.dim()
         return "affine", _positions(item.idxs, item.root_idxs, n, name), dim
     if fn not in _BN_FNS and next(module.parameters(recurse=False), None) is None:

@@ -18,6 +18,15 @@ from .modes import eval_mode
 ROOT_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
 
 
+def sync_size_attributes(model: nn.Module) -> None:
+    """Size attributes that forward() reads but torch-pruning does not update: torchvision's
+    VisionTransformer reshapes with `hidden_dim`, which must follow its pruned class token."""
+    for module in model.modules():
+        token = getattr(module, "class_token", None)
+        if isinstance(getattr(module, "hidden_dim", None), int) and isinstance(token, torch.Tensor):
+            module.hidden_dim = token.shape[-1]
+
+
 def out_channels(layer: nn.Module) -> int:
     """Output channels of a Conv (any dimension) or out-features of a Linear."""
     return layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
@@ -112,6 +121,10 @@ UNTRACEABLE = {"ShiftedWindowAttention": "shifted-window attention (Swin)",
                "ShiftedWindowAttentionV2": "shifted-window attention (Swin V2)"}
 
 
+def _first_line(error: BaseException) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
 def trace_graph(model: nn.Module, example_inputs) -> tp.DependencyGraph:
     """torch-pruning's dependency graph of `model`, traced in eval mode (tracing in train mode would
     update BatchNorm statistics) with autograd on (the tracer needs it, even inside torch.no_grad())."""
@@ -127,9 +140,13 @@ def trace_graph(model: nn.Module, example_inputs) -> tp.DependencyGraph:
                          f"(its graph build fails with ZeroDivisionError: {error}); typical of channel-shuffle "
                          "views, which torch-pruning does not support") from error
     except (RuntimeError, TypeError, ValueError, IndexError) as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ValueError(f"the model does not run on example inputs of shape {_shape(example_inputs)}: "
-                         f"{first}") from error
+        try:  # blame the inputs only if the model itself cannot run them
+            with eval_mode(model), torch.no_grad():
+                model(*example_inputs) if isinstance(example_inputs, (list, tuple)) else model(example_inputs)
+        except Exception as failure:  # noqa: BLE001 - any failure of the user's forward is reported as such
+            raise ValueError(f"the model does not run on example inputs of shape {_shape(example_inputs)}: "
+                             f"{_first_line(failure)}") from failure
+        raise ValueError(f"torch-pruning could not trace {type(model).__name__}: {_first_line(error)}") from error
 
 
 def list_groups(model: nn.Module, example_inputs: torch.Tensor, ignored_layers=None,

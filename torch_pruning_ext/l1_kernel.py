@@ -16,6 +16,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -108,6 +109,7 @@ void l1_rows(const float *a, const long long *index, size_t rows, size_t d, size
 """
 _L1_ROWS_PER_TASK, _L1_BLOCK = 64, 512  # rows per thread task; coordinates per pass (cache blocking)
 _l1_function = None  # None: not built yet; False: unavailable (torch.cdist is used)
+_BUILD_LOCK = threading.Lock()
 
 
 def _cpu_signature() -> str:
@@ -154,31 +156,34 @@ def _compile_l1(folder: Path) -> Path | None:
     return None
 
 
+def _load(library: Path):
+    try:
+        function = ctypes.CDLL(str(library)).l1_rows
+    except (OSError, AttributeError):
+        return None
+    size = ctypes.c_size_t
+    function.argtypes = [ctypes.c_void_p, ctypes.c_void_p, size, size, size, size, ctypes.c_void_p,
+                         size, ctypes.c_void_p, size, size]
+    function.restype = None
+    return function
+
+
 def l1_kernel():
-    """The compiled l1_rows function, or None (then torch.cdist is used)."""
+    """The compiled l1_rows function, or None (then torch.cdist is used). Built and checked once;
+    other threads wait for that and never see an unchecked kernel."""
     global _l1_function
-    if _l1_function is None:
-        _l1_function = False
-        if os.name == "posix" and not os.environ.get("TORCH_PRUNING_EXT_NO_KERNEL"):
-            folder = _private_folder()
-            library = _compile_l1(folder) if folder is not None else None
-            if library is not None:
-                try:
-                    function = ctypes.CDLL(str(library)).l1_rows
-                except (OSError, AttributeError):
-                    function = None
-                if function is not None:
-                    size = ctypes.c_size_t
-                    function.argtypes = [ctypes.c_void_p, ctypes.c_void_p, size, size, size, size, ctypes.c_void_p,
-                                         size, ctypes.c_void_p, size, size]
-                    function.restype = None
-                    _l1_function = function
-                    if not _l1_kernel_agrees_with_cdist():
-                        _l1_function = False
+    with _BUILD_LOCK:
+        if _l1_function is None:
+            candidate = None
+            if os.name == "posix" and not os.environ.get("TORCH_PRUNING_EXT_NO_KERNEL"):
+                folder = _private_folder()
+                library = _compile_l1(folder) if folder is not None else None
+                candidate = _load(library) if library is not None else None
+            _l1_function = candidate if candidate is not None and _agrees_with_cdist(candidate) else False
     return _l1_function or None
 
 
-def _l1_kernel_agrees_with_cdist() -> bool:
+def _agrees_with_cdist(function) -> bool:
     """Bitwise equality with torch.cdist(p=1) on a small case that covers every code path."""
     generator = torch.Generator().manual_seed(0)
     rows = torch.randn(23, 301, generator=generator)
@@ -186,16 +191,16 @@ def _l1_kernel_agrees_with_cdist() -> bool:
     kept = torch.tensor([3, 0, 22, 7, 8, 9, 10, 11, 12, 13, 14, 15, 1])
     expected = torch.cdist(rows, rows[kept], p=1.0).numpy()
     sources = rows.numpy()
-    return (np.array_equal(l1_distances(sources, kept=kept.numpy(), _block=128), expected)
-            and np.array_equal(l1_distances(sources, sources[kept.numpy()]), expected))
+    return (np.array_equal(l1_distances(sources, kept=kept.numpy(), _block=128, _function=function), expected)
+            and np.array_equal(l1_distances(sources, sources[kept.numpy()], _function=function), expected))
 
 
 def l1_distances(sources: np.ndarray, targets: np.ndarray | None = None, kept: np.ndarray | None = None,
-                 _block: int = _L1_BLOCK) -> np.ndarray:
+                 _block: int = _L1_BLOCK, _function=None) -> np.ndarray:
     """float32 L1 distances (n x k) between the rows of sources (n x d) and those of targets (k x d), or
     of sources[kept] (distinct indices; the symmetric kept x kept block is then computed once), bitwise
     equal to torch.cdist(p=1) on the CPU, which it falls back to without the compiled kernel."""
-    function = l1_kernel()
+    function = _function or l1_kernel()
     sources = np.ascontiguousarray(sources, dtype=np.float32)
     if kept is not None:
         kept = np.asarray(kept, dtype=np.int64)

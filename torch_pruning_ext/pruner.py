@@ -17,7 +17,7 @@ from .bn_folding import FOLD_MODES, FoldedPair, fold_batchnorms
 from .conv_blocks import block_coupling, block_pruned, channel_blocks
 from .fusion import (UnsupportedGroup, channel_features, fuse_members, group_members, layer_roles,
                      prune_channels, transport_maps, zero_channels, FUSION_RULES)
-from .groups import GroupInfo, describe_groups, out_channels, trace_graph, full_group, numbered_roots, output_layers
+from .groups import GroupInfo, describe_groups, out_channels, sync_size_attributes, trace_graph, full_group, numbered_roots, output_layers
 from .importance import build_importance, needs_data
 from .optimal_transport import OptimalTransport
 from .checks import check_choice
@@ -161,6 +161,9 @@ class IntraFusionPruner:
             raise TypeError(f"transport must be an OptimalTransport, a ClusterFolding (anything with "
                             f".coupling(features, importance, kept)) or None, got {type(transport).__name__}")
         check_choice(fusion_rule, FUSION_RULES, "fusion rule")
+        for index in indices:  # a group that cannot be pruned consistently stops the call before any change
+            group = full_group(self.graph, self.roots[index])
+            channel_blocks(group, len(group[0].idxs), self.names)
         plan = self._global_plan(indices, sparsity, max_group_sparsity) if global_pruning else {}
         results = []
         for done, index in enumerate(indices, 1):
@@ -168,7 +171,7 @@ class IntraFusionPruner:
                                              dimensionality_preserving, plan.get(index)))
             if progress is not None:
                 progress(done, len(indices))
-        _sync_width_attributes(self.model)
+        sync_size_attributes(self.model)
         return results
 
     def _global_plan(self, indices, sparsity, cap=None) -> dict[int, list[int]]:
@@ -201,8 +204,9 @@ class IntraFusionPruner:
                 pruned = scores.argsort(stable=True)[: n - kept_count(n, sparsity)].tolist()
         else:
             scores, pruned = (self._scores(index, group) if transport is not None or blocks > 1 else None), planned
-            if blocks > 1:  # the global plan's share of this group, taken alike from every block
-                pruned = block_pruned(scores, blocks, min(n // blocks - 1, round(len(planned) / blocks)))
+            if blocks > 1:  # the global plan's share of this group, taken alike from every block (rounded
+                # down, so never more than the plan, hence the cap, allows)
+                pruned = block_pruned(scores, blocks, min(n // blocks - 1, len(planned) // blocks))
         seconds["importance"] = time.perf_counter() - started
         kept = torch.tensor(sorted(set(range(n)) - set(pruned)), dtype=torch.long)
         producers, consumers = layer_roles(group, n, self.names)
@@ -210,7 +214,7 @@ class IntraFusionPruner:
                              consumers=consumers)
         if pruned and transport is not None:
             try:
-                members = group_members(group, n, self.names)
+                members = group_members(group, n, self.names, rule=rule)
             except UnsupportedGroup as reason:
                 result.fallback_reason = str(reason)
                 warnings.warn(f"group {index} (root {self.names[self.roots[index]]}) cannot be fused because "
@@ -247,15 +251,6 @@ class IntraFusionPruner:
             origin = self.channel_origin.get(name, torch.arange(out_channels(layer)))
             self.channel_origin[name] = origin[positions[kept].flatten()]
         return {name: self.channel_origin[name] for name in producers}
-
-
-def _sync_width_attributes(model: nn.Module) -> None:
-    """Size attributes that forward() reads but torch-pruning does not update: torchvision's
-    VisionTransformer reshapes with `hidden_dim`, which must follow its pruned class token."""
-    for module in model.modules():
-        token = getattr(module, "class_token", None)
-        if isinstance(getattr(module, "hidden_dim", None), int) and isinstance(token, torch.Tensor):
-            module.hidden_dim = token.shape[-1]
 
 
 def _capped_plan(scores: dict[int, torch.Tensor], budget: int, cap: float) -> dict[int, list[int]]:

@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 from .files import atomic_torch_save, check_writable_file
+from .groups import sync_size_attributes
 
 FORMAT = "torch_pruning_ext.pruned_model/1"
 
@@ -63,12 +64,21 @@ def _resize(module: nn.Module, state: dict, prefix: str) -> None:
         module.bias = nn.Parameter(torch.empty_like(state[prefix + "bias"]))
     weight = getattr(module, "weight", None)
     if isinstance(module, nn.modules.conv._ConvNd) and weight is not None:
+        if module.groups > 1 and module.groups == module.in_channels == module.out_channels:
+            module.groups = weight.shape[0]  # depthwise: one group per remaining channel
         module.out_channels = weight.shape[1] * module.groups if module.transposed else weight.shape[0]
         module.in_channels = weight.shape[0] if module.transposed else weight.shape[1] * module.groups
     elif isinstance(module, nn.Linear):
         module.out_features, module.in_features = weight.shape
     elif isinstance(module, nn.modules.batchnorm._BatchNorm):
         module.num_features = state.get(prefix + "running_mean", weight).shape[0]
+    elif isinstance(module, nn.LayerNorm) and weight is not None:
+        module.normalized_shape = tuple(weight.shape)
+    elif isinstance(module, nn.GroupNorm) and weight is not None:
+        module.num_channels = weight.shape[0]
+    elif isinstance(module, nn.MultiheadAttention) and module.in_proj_weight is not None:
+        module.embed_dim = module.kdim = module.vdim = module.in_proj_weight.shape[1]
+        module.head_dim = module.embed_dim // module.num_heads
 
 
 def load_pruned(path: str | Path, builder=None, map_location="cpu") -> nn.Module:
@@ -95,4 +105,5 @@ def load_pruned(path: str | Path, builder=None, map_location="cpu") -> nn.Module
     for name, module in model.named_modules():
         _resize(module, state, f"{name}." if name else "")
     model.load_state_dict(state)
+    sync_size_attributes(model)
     return model.eval()

@@ -6,6 +6,8 @@ computes the same values in every copy. A model that lists its forward pass as `
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn as nn
 
@@ -46,16 +48,19 @@ class PrefixCache:
 
     def __init__(self, reference: nn.Module, inputs: torch.Tensor, batch_size: int = EVAL_BATCH_SIZE,
                  device="cpu"):
-        self.reference, self.inputs = reference, inputs
-        self.batch_size, self.device = batch_size, device
+        # the reference runs where the batches go (a copy, so the caller's model stays where it is)
+        on_cpu = torch.device(device).type == "cpu"
+        self.reference = reference if on_cpu else copy.deepcopy(reference).to(device)
+        self.inputs, self.batch_size, self.device = inputs, batch_size, device
         self._start, self._activations = 0, inputs
 
     def activations(self, start: int) -> torch.Tensor:
-        """The activation before stage `start`; moving forward continues from the cached one, moving
-        back starts over from the inputs (so callers visit starts in increasing order)."""
+        """The activation before stage `start`; moving forward continues from the cached one (which
+        is then held until the new one is built: peak memory is both), moving back starts over from the
+        inputs (so callers visit starts in increasing order)."""
         if start != self._start:
             origin, previous = (self._start, self._activations) if start > self._start else (0, self.inputs)
-            self._activations = None  # free the old cache before computing the new one
+            self._activations = None  # moving back frees the old cache before computing the new one
             self._activations = run_stages(self.reference, previous, origin, start, self.batch_size, self.device) \
                 if start > 0 else self.inputs
             self._start = start
