@@ -12,7 +12,7 @@ from torch_pruning_ext.serialization import NotAPrunedModel, load_pruned, save_p
 @pytest.mark.parametrize("name, groups", [("vgg11_bn", [1, 4, 7]), ("resnet18", [0, 3, 6, 9, 11])])
 def test_save_load_round_trip_is_exact(make_model, tmp_path, name, groups):
     model = make_model(name)
-    IntraFusionPruner(model, torch.randn(1, 3, 32, 32)).prune(groups, 0.6, OptimalTransport())
+    IntraFusionPruner(model, torch.randn(1, 3, 32, 32), fold_bn="exact").prune(groups, 0.6, OptimalTransport())
     save_pruned(model, tmp_path / "pruned.pt", name, 10)
     loaded = load_pruned(tmp_path / "pruned.pt")
     x = torch.randn(3, 3, 32, 32)
@@ -25,7 +25,7 @@ def test_other_architectures_load_with_a_builder(tmp_path):
     torch.manual_seed(0)
     build = lambda: torchvision.models.resnet18(num_classes=10)  # noqa: E731
     model = randomize_batchnorms(build())
-    IntraFusionPruner(model, torch.randn(1, 3, 64, 64)).prune([0, 5], 0.5, OptimalTransport())
+    IntraFusionPruner(model, torch.randn(1, 3, 64, 64), fold_bn="exact").prune([0, 5], 0.5, OptimalTransport())
     save_pruned(model, tmp_path / "tv.pt")
     with pytest.raises(ValueError, match="holds a torchvision.models.resnet.ResNet; pass builder="):
         load_pruned(tmp_path / "tv.pt")
@@ -44,7 +44,7 @@ def test_loading_something_else_is_a_clear_error(tmp_path, make_model):
 
 def test_onnx_export_matches_pytorch(make_model, tmp_path):
     model = make_model("resnet18")
-    IntraFusionPruner(model, torch.randn(1, 3, 32, 32)).prune([0, 4], 0.5, OptimalTransport())
+    IntraFusionPruner(model, torch.randn(1, 3, 32, 32), fold_bn="exact").prune([0, 4], 0.5, OptimalTransport())
     difference = export_onnx(model, torch.randn(4, 3, 32, 32), tmp_path / "m.onnx")
     assert difference < 1e-4 and (tmp_path / "m.onnx").stat().st_size > 0
     from torch_pruning_ext.export import onnx_outputs

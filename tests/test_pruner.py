@@ -93,8 +93,8 @@ def test_function_preserving_merges_twins_exactly(make_model, name, index):
 def test_groups_are_pruned_in_sequence_with_fresh_importance(make_model):
     x = torch.randn(2, 3, 32, 32)
     together, apart = make_model("vgg11_bn"), make_model("vgg11_bn")
-    IntraFusionPruner(together, x[:1]).prune([2, 1], 0.5, OptimalTransport())
-    pruner = IntraFusionPruner(apart, x[:1])
+    IntraFusionPruner(together, x[:1], fold_bn="exact").prune([2, 1], 0.5, OptimalTransport())
+    pruner = IntraFusionPruner(apart, x[:1], fold_bn="exact")
     pruner.prune([2], 0.5, OptimalTransport())
     pruner.prune([1], 0.5, OptimalTransport())
     assert torch.equal(together(x), apart(x))
@@ -104,8 +104,8 @@ def test_dimensionality_preserving_keeps_shapes_and_function(make_model):
     x = torch.randn(4, 3, 32, 32)
     sliced, zeroed = make_model("vgg11_bn"), make_model("vgg11_bn")
     shapes = {k: v.shape for k, v in zeroed.state_dict().items()}
-    IntraFusionPruner(sliced, x[:1]).prune([1, 5], 0.5, OptimalTransport())
-    results = IntraFusionPruner(zeroed, x[:1]).prune([1, 5], 0.5, OptimalTransport(), dimensionality_preserving=True)
+    IntraFusionPruner(sliced, x[:1], fold_bn="exact").prune([1, 5], 0.5, OptimalTransport())
+    results = IntraFusionPruner(zeroed, x[:1], fold_bn="exact").prune([1, 5], 0.5, OptimalTransport(), dimensionality_preserving=True)
     assert {k: v.shape for k, v in zeroed.state_dict().items()} == shapes
     assert torch.all(zeroed.features[22].weight[results[0].pruned] == 0)
     assert torch.all(zeroed.features[25].weight[:, results[0].pruned] == 0)
@@ -137,7 +137,7 @@ def test_gradients_are_transformed_with_the_weights(make_model):
 
 def test_global_pruning_removes_the_requested_share(make_model):
     model = make_model("vgg11_bn")
-    pruner = IntraFusionPruner(model, torch.randn(1, 3, 32, 32))
+    pruner = IntraFusionPruner(model, torch.randn(1, 3, 32, 32), fold_bn="exact")
     results = pruner.prune("all", 0.3, OptimalTransport(), global_pruning=True)
     total = sum(r.channels for r in results)
     assert sum(len(r.pruned) for r in results) == int(total * 0.3)
