@@ -79,7 +79,8 @@ def _positions(idxs, root_idxs, n: int, name: str) -> torch.Tensor:
     return torch.tensor([sorted(p) for p in per_channel], dtype=torch.long)
 
 
-def group_members(group, n: int, names: dict, strict: bool = True, rule: str = "function_preserving") -> list[Member]:
+def group_members(group, n: int, names: dict, strict: bool = True,
+                  rule: str = "function_preserving") -> list[Member]:
     """Classify the group's items; raises UnsupportedGroup naming any member fusion cannot mix.
 
     strict=False skips such members instead (zeroing channels needs only the Conv/Linear ones).

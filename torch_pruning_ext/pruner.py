@@ -17,7 +17,8 @@ from .bn_folding import FOLD_MODES, FoldedPair, fold_batchnorms
 from .conv_blocks import block_coupling, block_pruned, channel_blocks
 from .fusion import (UnsupportedGroup, channel_features, fuse_members, group_members, layer_roles,
                      prune_channels, transport_maps, zero_channels, FUSION_RULES)
-from .groups import GroupInfo, describe_groups, out_channels, sync_size_attributes, trace_graph, full_group, numbered_roots, output_layers
+from .groups import (GroupInfo, describe_groups, full_group, numbered_roots, out_channels, output_layers,
+                     sync_size_attributes, trace_graph)
 from .importance import build_importance, needs_data
 from .optimal_transport import OptimalTransport
 from .checks import check_choice
@@ -161,18 +162,22 @@ class IntraFusionPruner:
             raise TypeError(f"transport must be an OptimalTransport, a ClusterFolding (anything with "
                             f".coupling(features, importance, kept)) or None, got {type(transport).__name__}")
         check_choice(fusion_rule, FUSION_RULES, "fusion rule")
-        for index in indices:  # a group that cannot be pruned consistently stops the call before any change
-            group = full_group(self.graph, self.roots[index])
-            channel_blocks(group, len(group[0].idxs), self.names)
+        # conv blocks are structural (pruning other groups does not change them): counted for every group
+        # first, so a group that cannot be pruned consistently stops the call before any change
+        blocks = {index: self._blocks(index) for index in indices}
         plan = self._global_plan(indices, sparsity, max_group_sparsity) if global_pruning else {}
         results = []
         for done, index in enumerate(indices, 1):
             results.append(self._prune_group(index, sparsity, transport, fusion_rule,
-                                             dimensionality_preserving, plan.get(index)))
+                                             dimensionality_preserving, plan.get(index), blocks[index]))
             if progress is not None:
                 progress(done, len(indices))
         sync_size_attributes(self.model)
         return results
+
+    def _blocks(self, index: int) -> int:
+        group = full_group(self.graph, self.roots[index])
+        return channel_blocks(group, len(group[0].idxs), self.names)
 
     def _global_plan(self, indices, sparsity, cap=None) -> dict[int, list[int]]:
         scores = {index: self._scores(index) for index in indices}
@@ -188,13 +193,12 @@ class IntraFusionPruner:
             plan[index] = order[:count].tolist()
         return plan
 
-    def _prune_group(self, index, sparsity, transport, rule, keep_shape, planned) -> GroupResult:
+    def _prune_group(self, index, sparsity, transport, rule, keep_shape, planned, blocks) -> GroupResult:
         seconds = {}
         started = time.perf_counter()
         group = full_group(self.graph, self.roots[index])
         n = len(group[0].idxs)
         check_finite_group(group, self.names)
-        blocks = channel_blocks(group, n, self.names)
         if planned is None:
             scores = self._scores(index, group)
             if blocks > 1:

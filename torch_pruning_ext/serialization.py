@@ -1,9 +1,9 @@
 """Save a pruned model so that it loads back without the unpruned checkpoint.
 
 The file holds the state dict and how to build the architecture (a name registered with
-`register_builder`, or the caller's builder at load time). Loading builds the architecture, shrinks every Conv/Linear/BN
-to the shapes in the state dict, and loads the weights: an exact copy, as a plain nn.Module that can
-be pruned again.
+`register_builder`, or the caller's builder at load time). Loading builds the architecture, shrinks
+every Conv/Linear/norm layer to the shapes in the state dict, and loads the weights: an exact copy,
+as a plain nn.Module that can be pruned again.
 """
 from __future__ import annotations
 
