@@ -16,7 +16,7 @@ import pandas as pd  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from torch_pruning_ext.files import atomic_path, atomic_write_text  # noqa: E402
-from report import label, variant  # noqa: E402
+from report import label, page_head, variant  # noqa: E402
 
 
 def structured_points(frame: pd.DataFrame) -> pd.DataFrame:
@@ -89,11 +89,7 @@ def main(argv=None) -> int:
     parts += [unstructured_points(pd.read_csv(p)) for p in args.unstructured]
     points = pd.concat(parts, ignore_index=True).dropna(subset=["storage_bytes", "accuracy"])
     out = Path(args.out_dir)
-    lines = ["# Accuracy vs memory footprint", ""]
-    if args.intro:
-        lines += [Path(args.intro).read_text().strip(), ""]
-    if args.command:
-        lines += ["Regenerate with:", "", "```"] + args.command + ["```", ""]
+    lines = page_head("Accuracy vs memory footprint", Path(args.intro).read_text() if args.intro else "", args.command)
     for model, part in points.groupby("model"):
         front = pareto(part)
         plot(part, front, f"{model}: accuracy vs parameter storage", out / f"footprint_{model}.png")

@@ -213,12 +213,18 @@ def whole_network_table(table: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def page_head(title: str, intro: str = "", commands=()) -> list[str]:
+    """The opening lines of every generated page: title, findings (if any), the commands behind it."""
+    parts = [f"# {title}", ""] + ([intro.strip(), ""] if intro.strip() else [])
+    if commands:
+        parts += ["Regenerate with:", "", "```", *commands, "```", ""]
+    return parts
+
+
 def report(data: pd.DataFrame, out_dir: Path, title: str, commands: list[str], prefix: str = "",
            intro: str = "") -> str:
     out_dir.mkdir(parents=True, exist_ok=True)
-    parts = [f"# {title}", ""] + ([intro.strip(), ""] if intro.strip() else [])
-    if commands:
-        parts += ["Regenerate with:", "", "```"] + commands + ["```", ""]
+    parts = page_head(title, intro, commands)
     for (model, dataset, criterion), table in data.groupby(["model", "dataset", "criterion"], sort=False):
         base_rows = table[table["method"] == "base"]
         base = float(base_rows["accuracy"].iloc[0]) if len(base_rows) else None

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 from latency import measure  # noqa: E402
-from report import LABELS, _save  # noqa: E402
+from report import LABELS, _save, page_head  # noqa: E402
 from torch_pruning_ext.files import atomic_write_text  # noqa: E402
 from torch_pruning_ext.experiments.models import build_model  # noqa: E402
 from torch_pruning_ext.experiments.protocol import Settings, pruned_file_name  # noqa: E402
@@ -229,11 +229,7 @@ def main(argv=None) -> int:
         atomic_write_text(args.latency, buffer.getvalue())
     latency = latency_table(Path(args.latency)) if args.latency else {}
     out_dir = Path(args.out_dir)
-    parts = ["# Whole-network compression", ""]
-    if args.intro:
-        parts += [Path(args.intro).read_text().strip(), ""]
-    if args.command:
-        parts += ["Regenerate with:", "", "```"] + args.command + ["```", ""]
+    parts = page_head("Whole-network compression", Path(args.intro).read_text() if args.intro else "", args.command)
     plot(data, out_dir / "whole_accuracy_macs.png")
     parts += ["![accuracy against MACs](whole_accuracy_macs.png)", ""]
     for name in data["model"].unique():
