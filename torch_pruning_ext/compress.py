@@ -19,10 +19,13 @@ from .groups import ROOT_TYPES, out_channels, output_layers
 from .methods import check_method, method_plan
 from .modes import eval_mode
 from .pruner import IntraFusionPruner, channel_origin, check_sparsity
-from .repair import (REPAIR_MODES, fused_row_maps, repair_by_reconstruction, repair_variance, repair_with_data,
+from .importance import build_importance, needs_data
+from .inputs import first_line, run_model, shape_text, tensors_of
+from .repair import (DATA_MODES, REPAIR_MODES, fused_row_maps, repair_by_reconstruction, repair_variance, repair_with_data,
                      repair_without_data)
 
 CALIBRATION_SAMPLES = 1024  # unlabelled inputs the data repairs use by default
+IMPORTANCE_SAMPLES = 64  # inputs per backward pass of the data-driven criteria
 SCHEDULES = ("uniform", "global")
 
 
@@ -52,6 +55,8 @@ class CompressionSummary:
     fused_groups: int = 0
     unfused_groups: dict = field(default_factory=dict)  # group index -> why it was pruned without fusion
     repaired_layers: dict = field(default_factory=dict)  # layer -> how reconstruct refitted it
+    skipped_groups: dict = field(default_factory=dict)  # root layer -> why its group was left unpruned
+    size_attributes: dict = field(default_factory=dict)  # "module.attribute" -> [old, new] widths updated
 
     @property
     def params_ratio(self) -> float:
@@ -65,30 +70,81 @@ class CompressionSummary:
         return asdict(self) | {"params_ratio": self.params_ratio, "macs_ratio": self.macs_ratio}
 
 
-def calibration_tensor(calibration, limit: int = CALIBRATION_SAMPLES) -> torch.Tensor | None:
-    """Up to `limit` unlabelled inputs from a tensor, or from an iterable (e.g. a DataLoader) of
-    tensors or of (inputs, labels, ...) tuples."""
-    if calibration is None:
-        return None
+def calibration_batches(calibration, limit: int = CALIBRATION_SAMPLES) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """Up to `limit` samples as (inputs, labels or None) batches, from a tensor, or from an iterable
+    (e.g. a DataLoader) of tensors or of (inputs, labels, ...) tuples."""
     if isinstance(calibration, torch.Tensor):
-        taken = calibration[:limit]
+        batches = [(calibration[:limit], None)]
     else:
-        parts, count = [], 0
+        if isinstance(calibration, (str, bytes)) or not hasattr(calibration, "__iter__"):
+            raise TypeError(f"calibration must be a tensor or an iterable of batches, got {type(calibration).__name__}")
+        batches, count = [], 0
         for batch in calibration:
             inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
+            labels = batch[1] if isinstance(batch, (tuple, list)) and len(batch) > 1 else None
             if not isinstance(inputs, torch.Tensor):
                 raise TypeError(f"calibration batches must be tensors or (inputs, ...) tuples, got "
                                 f"{type(inputs).__name__}")
-            parts.append(inputs[:limit - count])
-            count += len(parts[-1])
+            take = limit - count
+            batches.append((inputs[:take], labels[:take] if isinstance(labels, torch.Tensor) else None))
+            count += len(batches[-1][0])
             if count >= limit:
                 break
-        if not parts:
-            raise ValueError("calibration data is empty")
-        taken = torch.cat(parts)
-    if len(taken) == 0:
+    if sum(len(inputs) for inputs, _ in batches) == 0:
         raise ValueError("calibration data is empty")
-    return taken
+    return batches
+
+
+def _check_inputs(model: nn.Module, inputs, what: str, example: torch.Tensor | None = None) -> None:
+    """Refuse, in one line naming `what`, inputs the original model cannot use: non-finite values,
+    another device, an integer tensor where the model takes floats, or anything it fails to run
+    (tried on the first two samples of a tensor that comes with an example)."""
+    tensors = tensors_of(inputs)
+    parameter = next(model.parameters(), None)
+    for tensor in tensors:
+        if parameter is not None and tensor.device != parameter.device:
+            raise ValueError(f"{what} is on {tensor.device}, the model on {parameter.device}; move one of them")
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            bad = int((~torch.isfinite(tensor)).flatten(1).any(1).nonzero()[0]) if tensor.dim() > 1 else 0
+            raise ValueError(f"{what} contains NaN or inf values (first in sample {bad})")
+    if example is not None and isinstance(inputs, torch.Tensor) and example.is_floating_point() \
+            and not inputs.is_floating_point():
+        raise ValueError(f"{what} has dtype {inputs.dtype}, the example inputs {example.dtype}")
+    trial = inputs[:2] if example is not None and isinstance(inputs, torch.Tensor) else inputs
+    try:
+        with eval_mode(model), torch.no_grad():
+            run_model(model, trial)
+    except Exception as error:  # noqa: BLE001 - whatever the user's forward raises is the finding
+        raise ValueError(f"{what}: the model does not run on inputs shaped {shape_text(inputs)}: "
+                         f"{first_line(error)}") from None
+
+
+def _concatenated(batches) -> torch.Tensor:
+    shapes = {tuple(inputs.shape[1:]) for inputs, _ in batches}
+    if len(shapes) > 1:
+        raise ValueError(f"calibration batches hold samples of different shapes: {sorted(shapes)}")
+    return torch.cat([inputs for inputs, _ in batches])
+
+
+def _check_finite_outputs(model: nn.Module, inputs, stage: str) -> None:
+    with eval_mode(model), torch.no_grad():
+        outputs = tensors_of(run_model(model, inputs))
+    if not all(torch.isfinite(t).all() for t in outputs if t.is_floating_point()):
+        raise RuntimeError(f"the model gives non-finite outputs after {stage}; nothing was returned")
+
+
+def _labelled(model: nn.Module, batches, chunk: int = 64) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(inputs, labels) batches for the data-driven criteria: the labels given, else the original
+    model's own predictions (argmax of its first output), so no labels are needed."""
+    labelled = []
+    for inputs, labels in batches:
+        for start in range(0, len(inputs), chunk):
+            part = inputs[start:start + chunk]
+            if labels is None:
+                with eval_mode(model), torch.no_grad():
+                    predicted = tensors_of(run_model(model, part))[0].argmax(dim=-1)
+            labelled.append((part, labels[start:start + chunk] if labels is not None else predicted))
+    return labelled
 
 
 def _out_channels(model: nn.Module) -> dict[str, int]:
@@ -98,32 +154,51 @@ def _out_channels(model: nn.Module) -> dict[str, int]:
 def compress(model: nn.Module, example_inputs: torch.Tensor, sparsity: float = 0.5, method: str = "fold",
              calibration=None, *, repair: str | None = None, importance="l1", schedule: str = "uniform",
              max_layer_sparsity: float | None = None, fold_bn: str = "exact", ignored_layers=None,
-             calibration_samples: int = CALIBRATION_SAMPLES, inplace: bool = False,
-             progress=None) -> tuple[nn.Module, CompressionSummary]:
+             prune_output_layers: bool = False, calibration_samples: int = CALIBRATION_SAMPLES,
+             inplace: bool = False, progress=None) -> tuple[nn.Module, CompressionSummary]:
     """Prune every group of `model` at `sparsity` (fraction of channels removed per group, or overall
     with schedule="global") with `method` (default / intra_fusion / intra_fusion_fp / fold), then
     repair. repair=None picks "reconstruct" when calibration data is given, else "datafree" for
     the merging methods and "none" for default pruning. BatchNorm is folded first (fold_bn).
-    importance: a data-free criterion name (l1, l2, linf, lamp, random) or a torch-pruning Importance.
+    importance: a criterion name (importance.CRITERIA) or a torch-pruning Importance; the data-driven
+    ones (taylor, chip, taylor_fm, thinet) are measured on the calibration data, with its labels when
+    its batches carry them, else with the original model's own predictions as labels.
+    ignored_layers: modules of `model`, module names or module types never pruned; the layers feeding
+    the outputs are protected too unless prune_output_layers=True. Groups whose pruning would break
+    the model (a width forward() reads from an attribute that cannot be updated, a permute before a
+    flatten) are left unpruned and listed in summary.skipped_groups, with a warning.
+    Inputs the model cannot run are refused before any work; a model with non-finite outputs is
+    never returned.
     Returns (compressed model, summary); the model is a copy unless inplace=True.
     """
     check_method(method)
     sparsity = check_sparsity(sparsity)
     max_layer_sparsity = check_schedule(schedule, max_layer_sparsity)
-    images = calibration_tensor(calibration, calibration_samples)
+    if repair is not None:
+        check_choice(repair, REPAIR_MODES, "repair")
+    _check_inputs(model, example_inputs, "example_inputs")
+    batches = calibration_batches(calibration, calibration_samples) if calibration is not None else None
+    images = _concatenated(batches) if batches else None
+    if images is not None:
+        _check_inputs(model, images, "calibration", example_inputs)
     if repair is None:
         repair = "reconstruct" if images is not None else ("none" if method == "default" else "datafree")
-    check_choice(repair, REPAIR_MODES, "repair")
-    if repair in ("data", "data_downstream", "reconstruct") and images is None:
+    if repair in DATA_MODES and images is None:
         raise ValueError(f"repair {repair!r} needs calibration data (a tensor or a DataLoader of inputs)")
+    criterion = build_importance(importance)
+    if needs_data(criterion) and images is None:
+        raise ValueError(f"importance {importance!r} is measured on data: pass calibration (inputs, or "
+                         "(inputs, labels) batches; without labels the model's own predictions are used)")
+    importance_batches = _labelled(model, batches, IMPORTANCE_SAMPLES) if needs_data(criterion) else None
     with eval_mode(model), torch.no_grad():
         macs_before, params_before = tp.utils.count_ops_and_params(model, example_inputs)
         channels_before = _out_channels(model)
     unfolded = (copy.deepcopy(model) if inplace else model) if repair in ("datafree", "variance") else None
     target = model if inplace else copy.deepcopy(model)
     target.eval()
-    pruner = IntraFusionPruner(target, example_inputs, importance=importance, ignored_layers=ignored_layers,
-                               fold_bn=fold_bn)
+    pruner = IntraFusionPruner(target, example_inputs, importance=criterion, ignored_layers=ignored_layers,
+                               fold_bn=fold_bn, calibration_batches=importance_batches,
+                               prune_output_layers=prune_output_layers, source_model=None if inplace else model)
     folded = copy.deepcopy(target) if repair != "none" else None  # the reference every repair compares with
     transport, rule = method_plan(method)
     results = pruner.prune("all", sparsity, transport, fusion_rule=rule, global_pruning=schedule == "global",
@@ -143,6 +218,7 @@ def compress(model: nn.Module, example_inputs: torch.Tensor, sparsity: float = 0
         repair_without_data(unfolded, folded, target, results, channel_origin(results), bn_of)
     elif repair == "variance":
         repair_variance(unfolded, folded, target, results, bn_of)
+    _check_finite_outputs(target, example_inputs, f"pruning and the {repair!r} repair")
     with eval_mode(target), torch.no_grad():
         macs_after, params_after = tp.utils.count_ops_and_params(target, example_inputs)
     after = _out_channels(target)
@@ -150,5 +226,7 @@ def compress(model: nn.Module, example_inputs: torch.Tensor, sparsity: float = 0
         method, sparsity, schedule, repair, int(params_before), int(params_after), int(macs_before),
         int(macs_after), {name: [before, after.get(name, 0)] for name, before in channels_before.items()},
         sum(r.fused for r in results),
-        {r.group: r.fallback_reason for r in results if r.fallback_reason}, report)
+        {r.group: r.fallback_reason for r in results if r.fallback_reason}, report,
+        {pruner.names[pruner.roots[r.group]]: r.skipped_reason for r in results if r.skipped_reason},
+        dict(pruner.size_attributes))
     return target.eval(), summary

@@ -7,24 +7,17 @@ so group 0 is the one nearest the output. Numbers must match the paper for its t
 """
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch_pruning as tp
 
+from .inputs import first_line, run_model, shape_text
 from .modes import eval_mode
 
 ROOT_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
-
-
-def sync_size_attributes(model: nn.Module) -> None:
-    """Size attributes that forward() reads but torch-pruning does not update: torchvision's
-    VisionTransformer reshapes with `hidden_dim`, which must follow its pruned class token."""
-    for module in model.modules():
-        token = getattr(module, "class_token", None)
-        if isinstance(getattr(module, "hidden_dim", None), int) and isinstance(token, torch.Tensor):
-            module.hidden_dim = token.shape[-1]
 
 
 def out_channels(layer: nn.Module) -> int:
@@ -107,22 +100,10 @@ def describe_groups(model: nn.Module, graph: tp.DependencyGraph, roots) -> list[
     return infos
 
 
-def _shape(inputs) -> str:
-    if isinstance(inputs, torch.Tensor):
-        return "x".join(map(str, inputs.shape))
-    if isinstance(inputs, (list, tuple)):
-        return "(" + ", ".join(_shape(item) for item in inputs) + ")"
-    return type(inputs).__name__
-
-
 # Layers torch-pruning's graph build cannot handle: it recurses through the shifted windows'
 # index arithmetic until memory runs out (measured past 16 GB on swin_t), so refuse before tracing.
 UNTRACEABLE = {"ShiftedWindowAttention": "shifted-window attention (Swin)",
                "ShiftedWindowAttentionV2": "shifted-window attention (Swin V2)"}
-
-
-def _first_line(error: BaseException) -> str:
-    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
 def trace_graph(model: nn.Module, example_inputs) -> tp.DependencyGraph:
@@ -142,18 +123,61 @@ def trace_graph(model: nn.Module, example_inputs) -> tp.DependencyGraph:
     except (RuntimeError, TypeError, ValueError, IndexError) as error:
         try:  # blame the inputs only if the model itself cannot run them
             with eval_mode(model), torch.no_grad():
-                model(*example_inputs) if isinstance(example_inputs, (list, tuple)) else model(example_inputs)
+                run_model(model, example_inputs)
         except Exception as failure:  # noqa: BLE001 - any failure of the user's forward is reported as such
-            raise ValueError(f"the model does not run on example inputs of shape {_shape(example_inputs)}: "
-                             f"{_first_line(failure)}") from failure
-        raise ValueError(f"torch-pruning could not trace {type(model).__name__}: {_first_line(error)}") from error
+            raise ValueError(f"the model does not run on example inputs of shape {shape_text(example_inputs)}: "
+                             f"{first_line(failure)}") from failure
+        raise ValueError(f"torch-pruning could not trace {type(model).__name__}: {first_line(error)}") from error
+
+
+def resolve_layers(model: nn.Module, layers, source: nn.Module | None = None) -> list[nn.Module]:
+    """The modules of `model` that `layers` names, with everything inside them.
+
+    Each entry is a module of `model`, a module of `source` (the model `model` was copied from: it
+    is found in the copy by its name), a module name ("classifier", "features.3") or a module type
+    (nn.Linear: every Linear). Anything that matches nothing is refused, naming it.
+    """
+    named = dict(model.named_modules())
+    by_module = {module: name for name, module in model.named_modules()}
+    source_names = {module: name for name, module in source.named_modules()} if source is not None else {}
+    found: list[nn.Module] = []
+    for entry in ([layers] if isinstance(layers, (nn.Module, str, type)) else list(layers)):
+        if isinstance(entry, nn.Module):
+            if entry in by_module:
+                picked = [entry]
+            elif entry in source_names:
+                picked = [named[source_names[entry]]]
+            else:
+                raise ValueError(f"ignored_layers: {type(entry).__name__} {entry!r:.60} is not a module of the model; "
+                                 "pass its modules, their names or module types")
+        elif isinstance(entry, str):
+            if entry not in named or entry == "":
+                close = difflib.get_close_matches(entry, [n for n in named if n], n=3)
+                raise ValueError(f"ignored_layers: no module named {entry!r} in the model"
+                                 + (f"; did you mean {', '.join(map(repr, close))}?" if close else ""))
+            picked = [named[entry]]
+        elif isinstance(entry, type) and issubclass(entry, nn.Module):
+            picked = [module for module in model.modules() if isinstance(module, entry)]
+            if not picked:
+                raise ValueError(f"ignored_layers: the model has no {entry.__name__} module")
+        else:
+            raise ValueError(f"ignored_layers: {entry!r:.60} is not a module, a module name or a module type")
+        found.extend(inner for module in picked for inner in module.modules())
+    return list(dict.fromkeys(found))
+
+
+def protected_layers(model: nn.Module, graph: tp.DependencyGraph, ignored_layers=None,
+                     prune_output_layers: bool = False, source: nn.Module | None = None) -> list[nn.Module]:
+    """The layers whose out-channels are never pruned: those `ignored_layers` names (see
+    resolve_layers) and, unless prune_output_layers, the layers feeding the model's outputs."""
+    protected = resolve_layers(model, ignored_layers, source) if ignored_layers is not None else []
+    return protected + ([] if prune_output_layers else output_layers(graph))
 
 
 def list_groups(model: nn.Module, example_inputs: torch.Tensor, ignored_layers=None,
-                graph: tp.DependencyGraph | None = None) -> list[GroupInfo]:
+                graph: tp.DependencyGraph | None = None, prune_output_layers: bool = False) -> list[GroupInfo]:
     """Index, root layer, member layers and channel count of every numbered group of `model`
     (pass the `graph` of a pruner or an earlier trace to avoid tracing again)."""
     graph = graph if graph is not None else trace_graph(model, example_inputs)
-    if ignored_layers is None:
-        ignored_layers = output_layers(graph)
-    return describe_groups(model, graph, numbered_roots(model, graph, ignored_layers))
+    protected = protected_layers(model, graph, ignored_layers, prune_output_layers)
+    return describe_groups(model, graph, numbered_roots(model, graph, protected))

@@ -17,10 +17,11 @@ from .bn_folding import FOLD_MODES, FoldedPair, fold_batchnorms
 from .conv_blocks import block_coupling, block_pruned, channel_blocks
 from .fusion import (UnsupportedGroup, channel_features, fuse_members, group_members, layer_roles,
                      prune_channels, transport_maps, zero_channels, FUSION_RULES)
-from .groups import (GroupInfo, describe_groups, full_group, numbered_roots, out_channels, output_layers,
-                     sync_size_attributes, trace_graph)
+from .groups import GroupInfo, describe_groups, full_group, numbered_roots, out_channels, protected_layers, trace_graph
 from .importance import build_importance, needs_data
 from .optimal_transport import OptimalTransport
+from .safety import (breaking_groups, check_outputs, layer_widths, probe_mapping, record_forward, sync_attributes,
+                     touches_attributes)
 from .checks import check_choice
 
 
@@ -36,6 +37,7 @@ class GroupResult:
     producers: list[str] = field(default_factory=list)  # layers whose out-channels were pruned/fused
     consumers: list[str] = field(default_factory=list)  # layers whose in-channels were pruned/fused
     producer_map: torch.Tensor | None = None  # k x n map applied to the producers' rows, if fused
+    skipped_reason: str | None = None  # why the group was left unpruned (pruning it would break the model)
     # producer name -> original index of each of its out-channels after this group (what repair needs)
     origins: dict[str, torch.Tensor] = field(default_factory=dict)
 
@@ -66,7 +68,9 @@ class IntraFusionPruner:
 
     model: pruned in place. example_inputs: a batch used to trace the dependency graph.
     importance: criterion name (see importance.CRITERIA) or a torch-pruning Importance.
-    ignored_layers: layers whose out-channels are never pruned (default: those feeding the output).
+    ignored_layers: layers whose out-channels are never pruned: modules (of `model`, or of
+    `source_model` when `model` is a copy of it), module names or module types. The layers feeding the
+    model's outputs are never pruned either, unless prune_output_layers=True.
     fold_bn: None (default: the model's BatchNorms are left as they are; unfolded ones are fused
     along the transport map) or "exact" / "reference" to fold them into the preceding layers first,
     as the paper does (the same as calling fold_batchnorms before).
@@ -79,10 +83,12 @@ class IntraFusionPruner:
 
     def __init__(self, model: nn.Module, example_inputs: torch.Tensor, importance="l1",
                  ignored_layers=None, fold_bn: str | None = None, calibration_batches=None,
-                 score_cache: dict | None = None):
+                 score_cache: dict | None = None, prune_output_layers: bool = False,
+                 source_model: nn.Module | None = None):
         if fold_bn is not None:
             check_choice(fold_bn, FOLD_MODES, "fold_bn", also="or None")
         self.model = model
+        self.example_inputs = example_inputs
         self.importance = build_importance(importance)
         if needs_data(self.importance) and not calibration_batches:
             raise ValueError(f"importance {importance!r} needs calibration_batches (inputs, labels)")
@@ -92,14 +98,15 @@ class IntraFusionPruner:
         self.graph = trace_graph(model, example_inputs)
         self.folded: list[FoldedPair] = (fold_batchnorms(model, example_inputs, fold_bn, graph=self.graph)
                                          if fold_bn else [])
-        if ignored_layers is None:
-            ignored_layers = output_layers(self.graph)
-        self.roots = numbered_roots(model, self.graph, ignored_layers)
+        protected = protected_layers(model, self.graph, ignored_layers, prune_output_layers, source_model)
+        self.roots = numbered_roots(model, self.graph, protected)
         self.names = {module: name for name, module in model.named_modules()}
         # bare parameters (e.g. a layer_scale) are group members too: name them, never print them
         self.names.update({param: name for name, param in model.named_parameters()})
         # layer name -> original index of each current out-channel, for layers that lost channels
         self.channel_origin: dict[str, torch.Tensor] = {}
+        # "module.attribute" -> (old, new) for the integer attributes forward() reads that pruning updated
+        self.size_attributes: dict[str, tuple[int, int]] = {}
 
     @property
     def num_groups(self) -> int:
@@ -165,15 +172,57 @@ class IntraFusionPruner:
         # conv blocks are structural (pruning other groups does not change them): counted for every group
         # first, so a group that cannot be pruned consistently stops the call before any change
         blocks = {index: self._blocks(index) for index in indices}
-        plan = self._global_plan(indices, sparsity, max_group_sparsity) if global_pruning else {}
+        record = record_forward(self.model, self.example_inputs)
+        widths = layer_widths(self.model)
+        skipped = self._unsafe_groups(indices, sparsity, blocks, record, trial=not dimensionality_preserving)
+        if skipped:
+            warnings.warn("left unpruned because pruning them would break the model: " + "; ".join(
+                f"group {index} ({self.names[self.roots[index]]}): {why}" for index, why in skipped.items()),
+                stacklevel=2)
+        active = [index for index in indices if index not in skipped]
+        plan = self._global_plan(active, sparsity, max_group_sparsity) if global_pruning and active else {}
         results = []
         for done, index in enumerate(indices, 1):
-            results.append(self._prune_group(index, sparsity, transport, fusion_rule,
-                                             dimensionality_preserving, plan.get(index), blocks[index]))
+            if index in skipped:
+                results.append(self._skipped(index, skipped[index]))
+            else:
+                results.append(self._prune_group(index, sparsity, transport, fusion_rule,
+                                                 dimensionality_preserving, plan.get(index), blocks[index]))
             if progress is not None:
                 progress(done, len(indices))
-        sync_size_attributes(self.model)
+        self.size_attributes.update(sync_attributes(self.model, record.attributes, widths))
+        problem = check_outputs(self.model, self.example_inputs, record)
+        if problem is not None:
+            raise RuntimeError(f"the pruned model no longer runs like the original on the example inputs: {problem}")
         return results
+
+    def _unsafe_groups(self, indices, sparsity, blocks, record, trial: bool) -> dict[int, str]:
+        """Group index -> why pruning it would break the model, found before any change: torch-pruning's
+        channel mapping through reshapes is probed, and groups whose widths equal an integer attribute
+        that forward() reads are pruned plainly on a copy first."""
+        skipped, trials = {}, {}
+        for index in indices:
+            group = full_group(self.graph, self.roots[index])
+            reason = probe_mapping(self.model, group, self.example_inputs, self.names)
+            if reason is not None:
+                skipped[index] = reason
+            elif trial and touches_attributes(group, record):
+                n = len(group[0].idxs)
+                width = n // blocks[index]
+                pruned = block_pruned(torch.zeros(n), blocks[index], width - kept_count(width, sparsity))
+                trials[self.names[self.roots[index]]] = (index, pruned)
+        if trials:
+            broken = breaking_groups(self.model, self.example_inputs,
+                                     {name: pruned for name, (_, pruned) in trials.items()}, record)
+            skipped.update({trials[name][0]: why for name, why in broken.items()})
+        return dict(sorted(skipped.items()))
+
+    def _skipped(self, index: int, reason: str) -> GroupResult:
+        group = full_group(self.graph, self.roots[index])
+        n = len(group[0].idxs)
+        producers, consumers = layer_roles(group, n, self.names)
+        return GroupResult(index, n, [], fused=False, producers=list(producers), consumers=consumers,
+                           skipped_reason=reason)
 
     def _blocks(self, index: int) -> int:
         group = full_group(self.graph, self.roots[index])

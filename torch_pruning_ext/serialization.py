@@ -2,7 +2,8 @@
 
 The file holds the state dict and how to build the architecture (a name registered with
 `register_builder`, or the caller's builder at load time). Loading builds the architecture, shrinks
-every Conv/Linear/norm layer to the shapes in the state dict, and loads the weights: an exact copy,
+every Conv/Linear/norm layer to the shapes in the state dict, restores the integer attributes of the
+model's own modules (widths its forward() may read), and loads the weights: an exact copy,
 as a plain nn.Module that can be pruned again.
 """
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from .files import atomic_torch_save, check_writable_file
-from .groups import sync_size_attributes
+from .safety import integer_attributes
 
 FORMAT = "torch_pruning_ext.pruned_model/1"
 
@@ -46,7 +47,8 @@ def save_pruned(model: nn.Module, path: str | Path, model_name: str | None = Non
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     atomic_torch_save({"format": FORMAT, "model_name": model_name, "num_classes": num_classes,
                        "class": f"{type(model).__module__}.{type(model).__qualname__}",
-                       "state_dict": state, "metadata": metadata or {}}, path)
+                       "state_dict": state, "integer_attributes": integer_attributes(model),
+                       "metadata": metadata or {}}, path)
 
 
 def _resize(module: nn.Module, state: dict, prefix: str) -> None:
@@ -105,5 +107,9 @@ def load_pruned(path: str | Path, builder=None, map_location="cpu") -> nn.Module
     for name, module in model.named_modules():
         _resize(module, state, f"{name}." if name else "")
     model.load_state_dict(state)
-    sync_size_attributes(model)
+    modules = dict(model.named_modules())
+    for name, values in saved.get("integer_attributes", {}).items():  # widths forward() may read
+        if name in modules:
+            modules[name].__dict__.update({key: int(value) for key, value in values.items()
+                                           if isinstance(modules[name].__dict__.get(key), int)})
     return model.eval()

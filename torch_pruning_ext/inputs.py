@@ -1,0 +1,58 @@
+"""What a model takes and what it gives back: one way to run it on a batch, and a description of
+its outputs that a pruned copy must match.
+
+A batch is a tensor (one positional input), a tuple or list (positional inputs) or a dict (keyword
+inputs). An output is a tensor, or any nesting of tuples, lists and dicts of tensors.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+
+def run_model(model: nn.Module, inputs):
+    """model(inputs), model(*inputs) or model(**inputs), by the batch's form."""
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    if isinstance(inputs, (list, tuple)):
+        return model(*inputs)
+    return model(inputs)
+
+
+def shape_text(inputs) -> str:
+    """'2x3x32x32', '(2x8, 2x8)' or '{ids: 2x8}': the shapes of a batch or an output, for messages."""
+    if isinstance(inputs, torch.Tensor):
+        return "x".join(map(str, inputs.shape)) or "scalar"
+    if isinstance(inputs, (list, tuple)):
+        return "(" + ", ".join(shape_text(item) for item in inputs) + ")"
+    if isinstance(inputs, dict):
+        return "{" + ", ".join(f"{key}: {shape_text(value)}" for key, value in inputs.items()) + "}"
+    return type(inputs).__name__
+
+
+def signature(outputs):
+    """The structure and shapes of a model's outputs (tensors become shapes), comparable with ==."""
+    if isinstance(outputs, torch.Tensor):
+        return tuple(outputs.shape)
+    if isinstance(outputs, (list, tuple)):
+        return type(outputs).__name__, tuple(signature(item) for item in outputs)
+    if isinstance(outputs, dict):
+        return "dict", tuple((key, signature(value)) for key, value in outputs.items())
+    return type(outputs).__name__
+
+
+def tensors_of(outputs) -> list[torch.Tensor]:
+    """Every tensor in a nested output."""
+    if isinstance(outputs, torch.Tensor):
+        return [outputs]
+    if isinstance(outputs, (list, tuple)):
+        return [t for item in outputs for t in tensors_of(item)]
+    if isinstance(outputs, dict):
+        return [t for item in outputs.values() for t in tensors_of(item)]
+    return []
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (its type when it has none)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
