@@ -22,8 +22,11 @@ _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 
 @dataclass(frozen=True)
 class FoldedPair:
+    """A BatchNorm folded into `layer`; with `activation`, a BN after that activation whose scale
+    was moved back through it (the BN keeps its shift and sign)."""
     layer: str
     batchnorm: str
+    activation: str | None = None
 
 
 def foldable_pairs(graph: tp.DependencyGraph) -> list[tuple[nn.Module, nn.Module]]:
@@ -69,12 +72,63 @@ def fold_batchnorm_into(layer: nn.Module, bn: nn.modules.batchnorm._BatchNorm, m
         bn.bias.zero_()
 
 
+def _homogeneous(node) -> str | None:
+    """The name of a traced activation that is positively homogeneous (f(a x) = a f(x), a > 0):
+    ReLU or LeakyReLU, as a module or a function (torch-pruning records both as element-wise ops)."""
+    module = node.module
+    grad_fn = str(getattr(module, "_grad_fn", "")) if isinstance(module, tp.ops._ElementWiseOp) else ""
+    return {"LeakyRelu": "LeakyReLU", "Relu": "ReLU"}.get(grad_fn.split("Backward")[0])
+
+
+def post_activation_chains(graph: tp.DependencyGraph) -> list[tuple[nn.Module, str, nn.Module]]:
+    """(layer, activation, bn) for each affine BN whose only input is a ReLU/LeakyReLU whose only
+    input is a Conv1d/Conv2d/Linear, each feeding only the next (conv -> ReLU -> BN layouts)."""
+    chains = []
+    for module, node in graph.module2node.items():
+        if not isinstance(module, _BATCHNORMS) or not module.affine or len(node.inputs) != 1:
+            continue
+        act = node.inputs[0]
+        activation = _homogeneous(act)
+        if activation is None or len(act.outputs) != 1 or len(act.inputs) != 1:
+            continue
+        producer = act.inputs[0]
+        layer = producer.module
+        if (isinstance(layer, _FOLDABLE_LAYERS) and not getattr(layer, "transposed", False)
+                and len(producer.outputs) == 1 and out_channels(layer) == module.num_features):
+            chains.append((layer, activation, module))
+    return chains
+
+
+@torch.no_grad()
+def scale_through_activation(layer: nn.Module, bn: nn.modules.batchnorm._BatchNorm, mode: str = "exact") -> None:
+    """Move the magnitude of a post-activation BN's scale into `layer` (through the positively
+    homogeneous activation between them); the BN keeps only its shift and the scale's sign, so
+    eval-mode outputs are unchanged ("exact", to 1e-5) and the layer's rows carry each channel's
+    real size, as folding gives them for BN right after a layer."""
+    check_choice(mode, FOLD_MODES, "BatchNorm fold mode")
+    if bn.running_mean is None or bn.running_var is None:
+        raise ValueError(f"cannot fold {bn}: it tracks no running statistics")
+    variance = bn.running_var + bn.eps if mode == "exact" else bn.running_var
+    scale = bn.weight / torch.sqrt(variance)
+    shape = (-1,) + (1,) * (layer.weight.dim() - 1)
+    layer.weight.mul_(scale.abs().view(shape).to(layer.weight.dtype))
+    if layer.bias is not None:
+        layer.bias.mul_(scale.abs().to(layer.bias.dtype))
+    bn.bias.sub_(scale * bn.running_mean)
+    bn.weight.copy_(torch.where(scale < 0, -1.0, 1.0).to(bn.weight.dtype))
+    bn.running_mean.zero_()
+    bn.running_var.fill_(1.0 - bn.eps if mode == "exact" else 1.0)
+
+
 def fold_batchnorms(model: nn.Module, example_inputs, mode: str = "exact",
                     graph: tp.DependencyGraph | None = None) -> list[FoldedPair]:
     """Fold every foldable BN of `model` in place; returns the (layer, bn) names that were folded.
 
     A BN is folded only when its single input is a Conv1d/Conv2d/Linear feeding nothing else, so a
-    BN after a residual addition or a pre-activation BN is left alone.
+    BN after a residual addition or a pre-activation BN is left alone. A BN after a ReLU/LeakyReLU
+    that follows such a layer (conv -> ReLU -> BN) gives its scale's magnitude to the layer and keeps
+    its shift (pairs with `activation` set): fusion then compares and merges channels at the size the
+    network uses them, and the BN's shifts are merged as per-channel parameters.
     """
     check_choice(mode, FOLD_MODES, "BatchNorm fold mode")
     if graph is None:
@@ -84,6 +138,9 @@ def fold_batchnorms(model: nn.Module, example_inputs, mode: str = "exact",
     for layer, bn in foldable_pairs(graph):
         fold_batchnorm_into(layer, bn, mode)
         folded.append(FoldedPair(names[layer], names[bn]))
+    for layer, activation, bn in post_activation_chains(graph):
+        scale_through_activation(layer, bn, mode)
+        folded.append(FoldedPair(names[layer], names[bn], activation))
     return folded
 
 

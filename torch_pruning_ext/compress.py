@@ -204,7 +204,9 @@ def compress(model: nn.Module, example_inputs: torch.Tensor, sparsity: float = 0
     results = pruner.prune("all", sparsity, transport, fusion_rule=rule, global_pruning=schedule == "global",
                            max_group_sparsity=max_layer_sparsity, progress=progress)
     report = {}
-    bn_of = {pair.layer: pair.batchnorm for pair in pruner.folded}
+    # BNs folded into their layer, and BNs after a ReLU whose statistics describe its output
+    bn_of = {pair.layer: pair.batchnorm for pair in pruner.folded if pair.activation in (None, "ReLU")}
+    after_relu = {pair.layer for pair in pruner.folded if pair.activation == "ReLU"}
     if repair == "reconstruct":
         report = repair_by_reconstruction(folded, target, channel_origin(results), images,
                                           row_maps=fused_row_maps(folded, results))
@@ -215,9 +217,9 @@ def compress(model: nn.Module, example_inputs: torch.Tensor, sparsity: float = 0
             if repair == "data_downstream" else []
         repair_with_data(folded, target, changed, channel_origin(results), images, downstream=downstream)
     elif repair == "datafree":
-        repair_without_data(unfolded, folded, target, results, channel_origin(results), bn_of)
+        repair_without_data(unfolded, folded, target, results, channel_origin(results), bn_of, after_relu)
     elif repair == "variance":
-        repair_variance(unfolded, folded, target, results, bn_of)
+        repair_variance(unfolded, folded, target, results, bn_of, after_relu)
     _check_finite_outputs(target, example_inputs, f"pruning and the {repair!r} repair")
     with eval_mode(target), torch.no_grad():
         macs_after, params_after = tp.utils.count_ops_and_params(target, example_inputs)

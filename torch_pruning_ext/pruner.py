@@ -89,6 +89,7 @@ class IntraFusionPruner:
             check_choice(fold_bn, FOLD_MODES, "fold_bn", also="or None")
         self.model = model
         self.example_inputs = example_inputs
+        self.prune_output_layers = prune_output_layers
         self.importance = build_importance(importance)
         if needs_data(self.importance) and not calibration_batches:
             raise ValueError(f"importance {importance!r} needs calibration_batches (inputs, labels)")
@@ -191,7 +192,7 @@ class IntraFusionPruner:
             if progress is not None:
                 progress(done, len(indices))
         self.size_attributes.update(sync_attributes(self.model, record.attributes, widths))
-        problem = check_outputs(self.model, self.example_inputs, record)
+        problem = check_outputs(self.model, self.example_inputs, record, shapes=not self.prune_output_layers)
         if problem is not None:
             raise RuntimeError(f"the pruned model no longer runs like the original on the example inputs: {problem}")
         return results
@@ -213,7 +214,8 @@ class IntraFusionPruner:
                 trials[self.names[self.roots[index]]] = (index, pruned)
         if trials:
             broken = breaking_groups(self.model, self.example_inputs,
-                                     {name: pruned for name, (_, pruned) in trials.items()}, record)
+                                     {name: pruned for name, (_, pruned) in trials.items()}, record,
+                                     shapes=not self.prune_output_layers)
             skipped.update({trials[name][0]: why for name, why in broken.items()})
         return dict(sorted(skipped.items()))
 

@@ -163,11 +163,43 @@ def _folded_channel_stats(bn: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Te
     return beta, gamma.abs() * torch.sqrt(var / (var + bn.eps))
 
 
+def _gaussian_before_relu(mean: torch.Tensor, var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std of a Gaussian z whose ReLU has this mean and variance: E[relu z]^2 / E[(relu z)^2]
+    grows monotonically with E[z] / std(z), which bisection finds."""
+    normal = torch.distributions.Normal(torch.zeros((), dtype=torch.float64), torch.ones((), dtype=torch.float64))
+
+    def first_second(t):  # E[relu z] / s and E[(relu z)^2] / s^2 for z ~ N(t s, s^2)
+        cdf, pdf = normal.cdf(t), normal.log_prob(t).exp()
+        return t * cdf + pdf, (t * t + 1) * cdf + t * pdf
+    mean, var = mean.double().clamp_min(_EPS), var.double().clamp_min(0)
+    target = mean ** 2 / (var + mean ** 2)
+    low, high = torch.full_like(mean, -8.0), torch.full_like(mean, 8.0)
+    for _ in range(60):
+        middle = (low + high) / 2
+        first, second = first_second(middle)
+        below = first ** 2 / second < target
+        low, high = torch.where(below, middle, low), torch.where(below, high, middle)
+    t = (low + high) / 2
+    std = mean / first_second(t)[0]
+    return t * std, std
+
+
+def _producer_stats(bn: nn.modules.batchnorm._BatchNorm, after_relu: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std of the folded producer's output channels: the BN's own for a BN right after the
+    layer; for a BN after a ReLU (whose scale magnitude was moved into the layer) the Gaussian whose
+    ReLU has the BN's running statistics, at the layer's new scale."""
+    if not after_relu:
+        return _folded_channel_stats(bn)
+    mean, std = _gaussian_before_relu(bn.running_mean, bn.running_var)
+    scale = (bn.weight.detach().double() / torch.sqrt(bn.running_var.double() + bn.eps)).abs()
+    return mean * scale, std * scale
+
+
 def _fused_producers(original_unfolded: nn.Module, original_folded: nn.Module, pruned: nn.Module, results,
-                     bn_of: dict[str, str]):
-    """(result, layer name, its original BN, the correlations of its original channels estimated by
-    the cosine similarity of their folded weight rows, the pruned layer) for every producer of a
-    fused group that had a BatchNorm: what the data-free repairs work from."""
+                     bn_of: dict[str, str], after_relu: set[str]):
+    """(result, mean and std of the layer's original channels, the correlations of those channels
+    estimated by the cosine similarity of their folded weight rows, the pruned layer) for every
+    producer of a fused group that had a BatchNorm: what the data-free repairs work from."""
     unfolded, folded = dict(original_unfolded.named_modules()), dict(original_folded.named_modules())
     current = dict(pruned.named_modules())
     for result in results:
@@ -178,17 +210,19 @@ def _fused_producers(original_unfolded: nn.Module, original_folded: nn.Module, p
                 continue
             rows = folded[name].weight.detach().double().flatten(1)
             unit = rows / rows.norm(dim=1, keepdim=True).clamp_min(_EPS)
-            yield result, name, unfolded[bn_of[name]], unit @ unit.t(), current[name]
+            mean, std = _producer_stats(unfolded[bn_of[name]], name in after_relu)
+            yield result, name, mean, std, unit @ unit.t(), current[name]
 
 
 def repair_without_data(original_unfolded: nn.Module, original_folded: nn.Module, pruned: nn.Module,
-                        results, channel_origin: dict[str, torch.Tensor], bn_of: dict[str, str]) -> None:
+                        results, channel_origin: dict[str, torch.Tensor], bn_of: dict[str, str],
+                        after_relu: set[str] = frozenset()) -> None:
     """Data-free repair of fused producers: predict each fused channel's mean/std from the original
     BN statistics and the producer map (correlations estimated by the cosine similarity of the
-    channels' weight rows), and correct it to the statistics of the channel it stands for."""
-    for result, name, bn, correlation, layer in _fused_producers(original_unfolded, original_folded, pruned,
-                                                                 results, bn_of):
-        mean, std = _folded_channel_stats(bn)
+    channels' weight rows), and correct it to the statistics of the channel it stands for.
+    after_relu: the layers of bn_of whose BN follows a ReLU (conv -> ReLU -> BN)."""
+    for result, name, mean, std, correlation, layer in _fused_producers(
+            original_unfolded, original_folded, pruned, results, bn_of, after_relu):
         origin = channel_origin.get(name, torch.arange(len(mean)))
         # the map acts on the channels present before this group was pruned: restrict to them
         before = _origin_before(result, origin, len(mean))
@@ -201,18 +235,18 @@ def repair_without_data(original_unfolded: nn.Module, original_folded: nn.Module
 
 
 def repair_variance(original_unfolded: nn.Module, original_folded: nn.Module, pruned: nn.Module, results,
-                    bn_of: dict[str, str]) -> None:
+                    bn_of: dict[str, str], after_relu: set[str] = frozenset()) -> None:
     """Model Folding's data-free variance repair of every fused producer that had a BatchNorm: each
-    kept channel becomes f * (y - c) + c, c the mix of the merged channels' BN shifts and
-    f = 1 / sqrt(m^T R m). Exact twins (R = 1) and unfused channels are left as they are."""
-    for result, _, bn, correlation, layer in _fused_producers(original_unfolded, original_folded, pruned,
-                                                              results, bn_of):
+    kept channel becomes f * (y - c) + c, c the mix of the merged channels' means (their BN shifts,
+    or for a BN after a ReLU the mean before it) and f = 1 / sqrt(m^T R m). Exact twins (R = 1) and
+    unfused channels are left as they are."""
+    for result, _, mean, _, correlation, layer in _fused_producers(
+            original_unfolded, original_folded, pruned, results, bn_of, after_relu):
         if len(correlation) != result.channels:
             raise ValueError("the variance repair needs each layer pruned at most once")
-        shift = bn.bias.detach().double() if bn.affine else torch.zeros(result.channels, dtype=torch.float64)
         mix = result.producer_map.double()
         scale = torch.einsum("ji,ik,jk->j", mix, correlation, mix).clamp_min(_EPS).rsqrt()
-        apply_affine(layer, scale, (1 - scale) * (mix @ shift))
+        apply_affine(layer, scale, (1 - scale) * (mix @ mean))
 
 
 def _origin_before(result, origin_after: torch.Tensor, original_count: int) -> torch.Tensor:

@@ -234,14 +234,15 @@ def sync_attributes(model: nn.Module, attributes: dict, before: dict) -> dict[st
     return updated
 
 
-def check_outputs(model: nn.Module, example_inputs, record: ForwardRecord) -> str | None:
-    """None if the model runs on the example inputs with outputs shaped as recorded, else why not."""
+def check_outputs(model: nn.Module, example_inputs, record: ForwardRecord, shapes: bool = True) -> str | None:
+    """None if the model runs on the example inputs with outputs shaped as recorded (shapes=False:
+    if it runs at all, for output layers the caller chose to prune), else why not."""
     try:
         with eval_mode(model), torch.no_grad():
             outputs = run_model(model, example_inputs)
     except Exception as error:  # noqa: BLE001 - any failure of the pruned forward is the finding
         return f"{type(error).__name__}: {first_line(error)}"
-    if signature(outputs) != record.signature:
+    if shapes and signature(outputs) != record.signature:
         return f"outputs shaped {shape_text(outputs)} instead of the original's"
     return None
 
@@ -260,7 +261,8 @@ def touches_attributes(group, record: ForwardRecord) -> bool:
     return len(group[0].idxs) in values
 
 
-def trial_prune(model: nn.Module, example_inputs, plans: dict[str, list[int]], record: ForwardRecord) -> str | None:
+def trial_prune(model: nn.Module, example_inputs, plans: dict[str, list[int]], record: ForwardRecord,
+                shapes: bool = True) -> str | None:
     """Prune a copy of `model` plainly (root layer name -> channels to remove) and check its forward."""
     trial = copy.deepcopy(model)
     graph = trace_graph(trial, example_inputs)
@@ -272,22 +274,24 @@ def trial_prune(model: nn.Module, example_inputs, plans: dict[str, list[int]], r
             group = full_group(graph, root)
             graph.get_pruning_group(root, group[0].dep.handler, sorted(pruned)).prune()
     sync_attributes(trial, record.attributes, before)
-    return check_outputs(trial, example_inputs, record)
+    return check_outputs(trial, example_inputs, record, shapes)
 
 
 def breaking_groups(model: nn.Module, example_inputs, plans: dict[str, list[int]],
-                    record: ForwardRecord) -> dict[str, str]:
+                    record: ForwardRecord, shapes: bool = True) -> dict[str, str]:
     """Root layer name -> why, for the groups whose plain pruning breaks forward() (tried together
     first: when that works, nothing is tried one by one)."""
-    if trial_prune(model, example_inputs, plans, record) is None:
+    def trial(selected):
+        return trial_prune(model, example_inputs, selected, record, shapes)
+    if trial(plans) is None:
         return {}
     broken = {}
     for name, pruned in plans.items():
-        error = trial_prune(model, example_inputs, {name: pruned}, record)
+        error = trial({name: pruned})
         if error is not None:
             broken[name] = error
     rest = {name: pruned for name, pruned in plans.items() if name not in broken}
-    while rest and trial_prune(model, example_inputs, rest, record) is not None:
+    while rest and trial(rest) is not None:
         # groups that only break together: keep the largest set that works, dropping from the end
         name = next(reversed(rest))
         broken[name] = "breaks forward() together with other groups"

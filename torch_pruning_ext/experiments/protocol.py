@@ -134,7 +134,8 @@ class PreparedModel:
     """A trained model with its BatchNorms folded, traced once: what every cell starts from."""
     folded: nn.Module
     bn_fold: str | None
-    batchnorm_of: dict  # layer name -> name of the BatchNorm folded into it
+    batchnorm_of: dict  # layer name -> name of the BatchNorm folded into it (or following its ReLU)
+    after_relu: set  # the layers of batchnorm_of whose BatchNorm follows a ReLU
     ignored_names: list  # layers feeding the output, never pruned
     groups: list  # GroupInfo of every numbered group
 
@@ -161,7 +162,8 @@ def prepare(model: nn.Module, example: torch.Tensor, bn_fold: str | None) -> Pre
     pairs = fold_batchnorms(folded, example, bn_fold, graph=graph) if bn_fold else []
     names = {module: name for name, module in folded.named_modules()}
     ignored = output_layers(graph)
-    return PreparedModel(folded, bn_fold, {pair.layer: pair.batchnorm for pair in pairs},
+    return PreparedModel(folded, bn_fold, {pair.layer: pair.batchnorm for pair in pairs if pair.activation in (None, "ReLU")},
+                         {pair.layer for pair in pairs if pair.activation == "ReLU"},
                          [names[layer] for layer in ignored], list_groups(folded, example, ignored, graph=graph))
 
 
@@ -210,6 +212,7 @@ class Protocol:
         self.prepared = prepared
         self.folded = prepared.folded  # cells prune copies; the repairs only read it
         self.batchnorm_of, self.ignored_names = prepared.batchnorm_of, prepared.ignored_names
+        self.after_relu = prepared.after_relu
         self.num_groups = prepared.num_groups
         # every cell prunes a copy of self.folded, so the scores of the first group it prunes repeat
         self.score_cache = (score_cache if score_cache is not None else {}) if reuse else None
@@ -281,9 +284,10 @@ class Protocol:
             repair_with_data(self.folded, model, layers, channel_origin(results), self.repair_inputs,
                              downstream=downstream, reference_stats=self._reference_stats)
         elif self.settings.repair == "datafree":
-            repair_without_data(self.model, self.folded, model, results, channel_origin(results), self.batchnorm_of)
+            repair_without_data(self.model, self.folded, model, results, channel_origin(results), self.batchnorm_of,
+                                self.after_relu)
         elif self.settings.repair == "variance":
-            repair_variance(self.model, self.folded, model, results, self.batchnorm_of)
+            repair_variance(self.model, self.folded, model, results, self.batchnorm_of, self.after_relu)
 
     def run_cells(self, cells, progress=None) -> list[dict]:
         """Rows of (group, sparsity, method) cells, in the order given. They are computed in the order
