@@ -59,7 +59,8 @@ def probe_mapping(model: nn.Module, group, example_inputs, names: dict) -> str |
     carry it; else the reason pruning the group would change what the kept channels compute.
 
     Only groups whose channels pass a reshape or a permute are probed (elsewhere the mapping is the
-    identity); each probe costs about log2(channels) forward passes of the example inputs.
+    identity); each probe costs about 2 log2(channels) forward passes of the example inputs, during
+    which LayerNorm and GroupNorm pass their input through (they would spread a change to every channel).
     """
     reorders = sorted({r for r in (_reorders(item.dep.target.module) for item in group.items) if r})
     if not reorders:
@@ -98,6 +99,9 @@ def probe_mapping(model: nn.Module, group, example_inputs, names: dict) -> str |
         perturbed.update(channels)
         handles = [layer.register_forward_hook(perturb(layer, item)) for layer, item in producers]
         handles += [layer.register_forward_pre_hook(capture(layer)) for layer, _ in consumers]
+        # a norm over the channels spreads any change to all of them: pass channels through unchanged
+        handles += [norm.register_forward_hook(lambda _, args, __: args[0]) for norm in model.modules()
+                    if isinstance(norm, (nn.LayerNorm, nn.GroupNorm))]
         try:
             with eval_mode(model):
                 run_model(model, example_inputs)
@@ -107,21 +111,29 @@ def probe_mapping(model: nn.Module, group, example_inputs, names: dict) -> str |
         return dict(captured)
 
     base = run(set())
-    codes = {layer: torch.zeros(len(x), dtype=torch.long) for layer, x in base.items()}
+
+    def changed(moved: dict) -> dict:
+        return {layer: ((x - base[layer]).abs() > 1e-5 * (1.0 + base[layer].abs().max())).any(dim=1)
+                for layer, x in moved.items()}
+    # channel c has the code c + 1; each bit is probed twice, moving the channels where it is set and
+    # then the others: an input that carries one channel moves in exactly one of the two passes. One
+    # that moves in both (a channel-mixing layer such as attention sits on the way) or in neither
+    # says nothing; one that moves in the pass its channel is not in contradicts torch-pruning's map.
     for bit in range(max(1, n.bit_length())):
-        moved = run({c for c in range(n) if (c + 1) >> bit & 1})
-        for layer, x in moved.items():
-            tolerance = 1e-5 * (1.0 + base[layer].abs().max())
-            changed = ((x - base[layer]).abs() > tolerance).any(dim=1)
-            codes[layer] |= changed.long() << bit
-    for layer, item in consumers:
-        if layer not in codes:
-            continue
-        for idx, root in zip(item.idxs, item.root_idxs):
-            if root is not None and int(codes[layer][int(idx)]) != int(root) + 1:
-                return (f"torch-pruning maps its channels through {', '.join(reorders)} onto the wrong inputs "
-                        f"of {names.get(layer, type(layer).__name__)} (input {int(idx)} carries channel "
-                        f"{int(codes[layer][int(idx)]) - 1}, not {int(root)})")
+        ones = {c for c in range(n) if (c + 1) >> bit & 1}
+        with_bit, without_bit = changed(run(ones)), changed(run(set(range(n)) - ones))
+        for layer, item in consumers:
+            if layer not in with_bit:
+                continue
+            for idx, root in zip(item.idxs, item.root_idxs):
+                if root is None:
+                    continue
+                expected = (int(root) + 1) >> bit & 1
+                moved_with, moved_without = bool(with_bit[layer][int(idx)]), bool(without_bit[layer][int(idx)])
+                if moved_with != moved_without and moved_with != bool(expected):
+                    return (f"torch-pruning maps its channels through {', '.join(reorders)} onto the wrong "
+                            f"inputs of {names.get(layer, type(layer).__name__)} (input {int(idx)} does not "
+                            f"carry channel {int(root)})")
     return None
 
 

@@ -425,6 +425,7 @@ def train_entry(name: str, out_dir: str | Path = "runs/gallery", epochs: int | N
         if done.get("config") == config:
             log(f"{name}: already trained ({final}): {entry.metric_name} {done['metric']:.4f}")
             return done
+    torch.manual_seed(seed)  # the initial weights
     model = entry.build()
     optimizer = torch.optim.Adam(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
     steps_per_epoch = math.ceil(recipe.samples_per_epoch / recipe.batch_size)
