@@ -232,6 +232,15 @@ def repair_without_data(original_unfolded: nn.Module, original_folded: nn.Module
         std_p = torch.einsum("ji,ik,jk->j", mix, cov, mix).clamp_min(0).sqrt()
         scale, shift = _correction(mean_p, std_p, mean[origin], std[origin])
         apply_affine(layer, scale, shift)
+        if name in after_relu:  # the BN after the ReLU: each kept channel gets its own shift and sign back
+            _restore_batchnorm(original_folded, pruned, bn_of[name], origin)
+
+
+@torch.no_grad()
+def _restore_batchnorm(original_folded: nn.Module, pruned: nn.Module, name: str, origin: torch.Tensor) -> None:
+    source, target = dict(original_folded.named_modules())[name], dict(pruned.named_modules())[name]
+    for key in ("weight", "bias", "running_mean", "running_var"):
+        getattr(target, key).copy_(getattr(source, key)[origin])
 
 
 def repair_variance(original_unfolded: nn.Module, original_folded: nn.Module, pruned: nn.Module, results,

@@ -211,14 +211,13 @@ def pitchnet_wide() -> PitchNet:
     return PitchNet(WIDE_CHANNELS)
 
 
-class FlattenCNN(nn.Sequential):
-    """Nine modules in one Sequential ("0" .. "8") for 3 x 32 x 32 input, flattened into a Linear."""
-
-    def __init__(self, num_classes: int = 10):
-        super().__init__(
-            nn.Conv2d(3, 32, 3, stride=2, padding=1), nn.BatchNorm2d(32), nn.ReLU(inplace=True),
-            nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(inplace=True), nn.MaxPool2d(2),
-            nn.Flatten(), nn.Linear(64 * 8 * 8, num_classes))
+def FlattenCNN(num_classes: int = 10) -> nn.Sequential:  # noqa: N802 (a class-like builder)
+    """A plain nn.Sequential of nine modules ("0" .. "8") for 3 x 32 x 32 input: Conv-BN-ReLU,
+    Conv-BN-ReLU-MaxPool, Flatten (64 channels x 8 x 8, channel-major) and Linear."""
+    return nn.Sequential(
+        nn.Conv2d(3, 32, 3, stride=2, padding=1), nn.BatchNorm2d(32), nn.ReLU(inplace=True),
+        nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(64 * 8 * 8, num_classes))
 
 
 class TwoHeadNet(nn.Module):
@@ -360,8 +359,8 @@ class GalleryEntry:
     metric: Callable[[nn.Module], float]
     metric_name: str
     recipe: Recipe
-    batches: Callable = field(repr=False, default=None)  # (samples, batch_size, seed, epoch) -> batches
-    loss: Callable = field(repr=False, default=None)     # (model, inputs, targets) -> scalar
+    batches: Callable = field(repr=False)  # (samples, batch_size, seed, epoch) -> (inputs, targets) batches
+    loss: Callable = field(repr=False)     # (model, inputs, targets) -> scalar training loss
 
 
 GALLERY: dict[str, GalleryEntry] = {
