@@ -206,3 +206,24 @@ def test_a_repair_that_produces_non_finite_weights_is_refused(monkeypatch):
     monkeypatch.setattr(compress_module, "repair_without_data", poisoned)
     with pytest.raises(RuntimeError, match="non-finite outputs"):
         compress(sequential_cnn(), torch.randn(1, 3, 32, 32), 0.5, method="fold", repair="datafree")
+
+
+def test_reconstruct_fits_inputs_far_from_zero_as_well_as_centred_ones():
+    """Inputs sitting far from zero (a ReLU followed by a BatchNorm shift) once made the float32 Gram
+    products cancel: the refit must recover a perturbed layer just as well as for centred inputs."""
+    from torch_pruning_ext.repair import repair_by_reconstruction
+    explained = {}
+    for offset in (0.0, 300.0):
+        torch.manual_seed(3)
+        original = nn.Sequential(nn.Linear(16, 256), nn.ReLU(), nn.Linear(256, 8)).eval()
+        with torch.no_grad():
+            original[0].bias += offset
+        pruned = copy.deepcopy(original)
+        with torch.no_grad():
+            pruned[2].weight += 0.05 * torch.randn_like(pruned[2].weight)
+        x = torch.randn(4096, 16)
+        report = repair_by_reconstruction(original, pruned, {}, x)
+        explained[offset] = report["2"]["explained"]
+        error = (pruned(x) - original(x)).norm() / (original(x) - original(x).mean(0)).norm()
+        assert error < 1e-2, (offset, float(error))
+    assert explained[300.0] > 0.9999 and explained[0.0] > 0.9999

@@ -303,14 +303,12 @@ def _run_order(model: nn.Module, names: list[str], example: torch.Tensor) -> lis
     return order
 
 
-def _solve(gram: torch.Tensor, cross: torch.Tensor, ridge: float, intercept: bool,
-           energy: torch.Tensor | None = None) -> torch.Tensor:
+def _solve(gram: torch.Tensor, cross: torch.Tensor, ridge: float, intercept: bool) -> torch.Tensor:
     """argmin_S |target - S^T A|^2 + lambda |S|^2 from the Gram matrices G = A A^T and
-    cross = A target^T (the intercept row is not penalised). lambda is `ridge` times the mean of
-    `energy` (per input, the sum of its squares; default the Gram diagonal)."""
+    cross = A target^T (the intercept row is not penalised); lambda is `ridge` times the mean
+    diagonal of G."""
     size = gram.shape[0] - int(intercept)
-    energy = gram.diagonal()[:size] if energy is None else energy
-    scale = energy.mean().clamp_min(1e-12) if size else gram.new_tensor(1.0)
+    scale = gram.diagonal()[:size].mean().clamp_min(1e-12) if size else gram.new_tensor(1.0)
     penalty = torch.full((gram.shape[0],), ridge * float(scale), dtype=gram.dtype)
     if intercept:
         penalty[-1] = 1e-12 * float(scale)
@@ -433,7 +431,6 @@ def _refit_output(layer: nn.Module, original: nn.Module, origin: torch.Tensor, p
     # an even sample of the output positions bounds the work on large inputs (same draws on both sides)
     fraction = min(1.0, RECONSTRUCT_POSITIONS / (positions * len(pruned_in)))
     per_image = 8 * (dim + rows.shape[1]) * max(1, round(positions * fraction))
-    energy = torch.zeros(size, dtype=torch.float64)
     offset = None
     for a, b in zip(_chunks(pruned_in, per_image), _chunks(original_in, per_image)):
         state = generator.get_state()
@@ -444,12 +441,11 @@ def _refit_output(layer: nn.Module, original: nn.Module, origin: torch.Tensor, p
         # intercept is a constant extra input (its rows of the Gram matrices are sums)
         target = rows.to(b.dtype) @ b
         residual = target - current @ a
-        energy += (a.double() ** 2).sum(1)
         if intercept:
             # with an intercept, inputs may be measured from any offset: from their mean in the first
             # chunk, the float32 products keep their precision where inputs sit far from zero (e.g.
-            # after a ReLU and a BatchNorm shift), and the solution no longer depends on how the
-            # products are split across threads
+            # after a ReLU and a BatchNorm shift), the solution no longer depends on how the products
+            # are split across threads, and the ridge scales with the inputs' spread, not their offset
             offset = a.mean(1, keepdim=True) if offset is None else offset
             a = a - offset
         gram[:size, :size] += (a @ a.t()).double()
@@ -462,7 +458,7 @@ def _refit_output(layer: nn.Module, original: nn.Module, origin: torch.Tensor, p
             cross[size] += residual.double().sum(1)
         total += float((target.double() ** 2).sum())
         before += float((residual.double() ** 2).sum())
-    change = _solve(gram, cross, ridge, intercept, energy)  # dim x out
+    change = _solve(gram, cross, ridge, intercept)  # dim x out
     after = before - 2 * float((change * cross).sum()) + float((change * (gram @ change)).sum())
     explained = 1.0 - after / total if total > 0 else 1.0
     if intercept:  # the intercept was fitted for inputs measured from the offset
