@@ -167,7 +167,8 @@ _WATCHING: dict[type, type] = {}
 
 
 def _watching_class(cls: type) -> type:
-    """A subclass of `cls` that reports reads of its integer attributes (swapped in for one forward)."""
+    """A subclass of `cls` that reports reads of its integer attributes (swapped in for one forward);
+    TypeError when `cls` cannot be subclassed that way."""
     if cls not in _WATCHING:
         def __getattribute__(self, name):
             value = super(watching, self).__getattribute__(name)
@@ -175,7 +176,10 @@ def _watching_class(cls: type) -> type:
             if reads is not None and name in reads["watched"]:
                 reads["read"].add(name)
             return value
-        watching = type(cls.__name__, (cls,), {"__getattribute__": __getattribute__, "__module__": cls.__module__})
+        try:
+            watching = type(cls.__name__, (cls,), {"__getattribute__": __getattribute__, "__module__": cls.__module__})
+        except Exception as error:  # noqa: BLE001 - a metaclass or __init_subclass__ that refuses
+            raise TypeError(f"cannot watch {cls.__name__}: {error}") from None
         _WATCHING[cls] = watching
     return _WATCHING[cls]
 
@@ -206,9 +210,12 @@ def record_forward(model: nn.Module, example_inputs) -> ForwardRecord:
     modules = dict(model.named_modules())
     for name, ints in integer_attributes(model).items():
         module = modules[name]
-        watched.append((name, module, type(module)))
+        try:
+            module.__class__ = _watching_class(type(module))
+        except TypeError:  # a class that cannot be subclassed or swapped: its attributes go unwatched
+            continue
+        watched.append((name, module, type(module).__mro__[1]))
         module.__dict__["_tpx_reads"] = {"watched": set(ints), "read": set()}
-        module.__class__ = _watching_class(type(module))
     try:
         with eval_mode(model):
             outputs = run_model(model, example_inputs)
