@@ -227,3 +227,12 @@ def test_reconstruct_fits_inputs_far_from_zero_as_well_as_centred_ones():
         error = (pruned(x) - original(x)).norm() / (original(x) - original(x).mean(0)).norm()
         assert error < 1e-2, (offset, float(error))
     assert explained[300.0] > 0.9999 and explained[0.0] > 0.9999
+
+
+def test_a_frozen_model_is_pruned_like_a_trainable_one():
+    model, example = sequential_cnn(), torch.randn(1, 3, 32, 32)
+    frozen = copy.deepcopy(model).requires_grad_(False)
+    small, summary = compress(frozen, example, 0.5, method="default", repair="none")
+    reference, _ = compress(model, example, 0.5, method="default", repair="none")
+    assert summary.channels["3"] == [16, 8] and torch.equal(small(example), reference(example))
+    assert not any(p.requires_grad for p in frozen.parameters())

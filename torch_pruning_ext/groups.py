@@ -8,6 +8,7 @@ so group 0 is the one nearest the output. Numbers must match the paper for its t
 from __future__ import annotations
 
 import difflib
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -106,6 +107,20 @@ UNTRACEABLE = {"ShiftedWindowAttention": "shifted-window attention (Swin)",
                "ShiftedWindowAttentionV2": "shifted-window attention (Swin V2)"}
 
 
+@contextmanager
+def _all_requiring_grad(model: nn.Module):
+    """Every parameter requires grad inside the block: torch-pruning traces the autograd graph, which
+    a frozen model (requires_grad=False everywhere) does not build, leaving no group to prune."""
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    for parameter in frozen:
+        parameter.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for parameter in frozen:
+            parameter.requires_grad_(False)
+
+
 def trace_graph(model: nn.Module, example_inputs) -> tp.DependencyGraph:
     """torch-pruning's dependency graph of `model`, traced in eval mode (tracing in train mode would
     update BatchNorm statistics) with autograd on (the tracer needs it, even inside torch.no_grad())."""
@@ -114,7 +129,7 @@ def trace_graph(model: nn.Module, example_inputs) -> tp.DependencyGraph:
             raise ValueError(f"torch-pruning cannot build the dependency graph of {name} "
                              f"({UNTRACEABLE[type(module).__name__]}); this model cannot be pruned structurally")
     try:
-        with eval_mode(model), torch.enable_grad():
+        with eval_mode(model), torch.enable_grad(), _all_requiring_grad(model):
             return tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs, verbose=False)
     except ZeroDivisionError as error:  # e.g. a channel shuffle (ShuffleNet): a view torch-pruning cannot map
         raise ValueError(f"torch-pruning cannot build the dependency graph of {type(model).__name__} "
