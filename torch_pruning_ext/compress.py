@@ -21,6 +21,7 @@ from .modes import eval_mode
 from .pruner import IntraFusionPruner, channel_origin, check_sparsity
 from .importance import build_importance, needs_data
 from .inputs import first_line, run_model, shape_text, tensors_of
+from .synthesis import SYNTHETIC_SAMPLES, synthesize_calibration
 from .repair import (DATA_MODES, REPAIR_MODES, fused_row_maps, repair_by_reconstruction, repair_variance, repair_with_data,
                      repair_without_data)
 
@@ -57,6 +58,7 @@ class CompressionSummary:
     repaired_layers: dict = field(default_factory=dict)  # layer -> how reconstruct refitted it
     skipped_groups: dict = field(default_factory=dict)  # root layer -> why its group was left unpruned
     size_attributes: dict = field(default_factory=dict)  # "module.attribute" -> [old, new] widths updated
+    synthesis: dict | None = None  # how the calibration inputs were synthesised (calibration="synthetic")
 
     @property
     def params_ratio(self) -> float:
@@ -154,7 +156,7 @@ def _out_channels(model: nn.Module) -> dict[str, int]:
 def compress(model: nn.Module, example_inputs: torch.Tensor, sparsity: float = 0.5, method: str = "fold",
              calibration=None, *, repair: str | None = None, importance="l1", schedule: str = "uniform",
              max_layer_sparsity: float | None = None, fold_bn: str = "exact", ignored_layers=None,
-             prune_output_layers: bool = False, calibration_samples: int = CALIBRATION_SAMPLES,
+             prune_output_layers: bool = False, calibration_samples: int | None = None,
              inplace: bool = False, progress=None) -> tuple[nn.Module, CompressionSummary]:
     """Prune every group of `model` at `sparsity` (fraction of channels removed per group, or overall
     with schedule="global") with `method` (default / intra_fusion / intra_fusion_fp / fold), then
@@ -168,7 +170,9 @@ def compress(model: nn.Module, example_inputs: torch.Tensor, sparsity: float = 0
     the model (a width forward() reads from an attribute that cannot be updated, a permute before a
     flatten) are left unpruned and listed in summary.skipped_groups, with a warning.
     Inputs the model cannot run are refused before any work; a model with non-finite outputs is
-    never returned.
+    never returned. calibration="synthetic" uses no data: calibration_samples (default 256) inputs
+    are synthesised from the model's BatchNorm statistics (synthesize_calibration; summary.synthesis
+    says how); real calibration uses up to calibration_samples (default 1024) inputs.
     Returns (compressed model, summary); the model is a copy unless inplace=True.
     """
     check_method(method)
@@ -177,7 +181,12 @@ def compress(model: nn.Module, example_inputs: torch.Tensor, sparsity: float = 0
     if repair is not None:
         check_choice(repair, REPAIR_MODES, "repair")
     _check_inputs(model, example_inputs, "example_inputs")
-    batches = calibration_batches(calibration, calibration_samples) if calibration is not None else None
+    synthesis = None
+    if isinstance(calibration, str):
+        check_choice(calibration, ("synthetic",), "calibration", also="a tensor, an iterable of batches or None")
+        calibration, synthesis = synthesize_calibration(model, example_inputs, calibration_samples or SYNTHETIC_SAMPLES)
+    samples = calibration_samples or CALIBRATION_SAMPLES
+    batches = calibration_batches(calibration, samples) if calibration is not None else None
     images = _concatenated(batches) if batches else None
     if images is not None:
         _check_inputs(model, images, "calibration", example_inputs)
@@ -230,5 +239,5 @@ def compress(model: nn.Module, example_inputs: torch.Tensor, sparsity: float = 0
         sum(r.fused for r in results),
         {r.group: r.fallback_reason for r in results if r.fallback_reason}, report,
         {pruner.names[pruner.roots[r.group]]: r.skipped_reason for r in results if r.skipped_reason},
-        dict(pruner.size_attributes))
+        dict(pruner.size_attributes), asdict(synthesis) if synthesis is not None else None)
     return target.eval(), summary
