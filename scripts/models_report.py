@@ -24,7 +24,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 from report import page_head  # noqa: E402
-from torch_pruning_ext import compress  # noqa: E402
+from torch_pruning_ext import compress, synthesize_calibration  # noqa: E402
+from torch_pruning_ext.synthesis import SYNTHETIC_SAMPLES  # noqa: E402
 from torch_pruning_ext.experiments.cli import OneLineParser, choice, positive_int, run_cli  # noqa: E402
 from torch_pruning_ext.experiments.gallery import GALLERY, gallery_entry, load_trained  # noqa: E402
 from torch_pruning_ext.experiments.results import read_rows, write_rows  # noqa: E402
@@ -34,10 +35,21 @@ from torch_pruning_ext.repair import REPAIR_MODES  # noqa: E402
 
 RESULTS = ROOT / "docs" / "results" / "models" / "results.csv"
 PAGE = ROOT / "docs" / "MODELS.md"
-KEY = ("model", "sparsity", "method", "repair", "calibration_samples")
+KEY = ("model", "sparsity", "method", "repair", "calibration", "calibration_samples")
 FIELDS = list(KEY) + ["metric", "base_metric", "params_before", "params_after", "macs_before", "macs_after",
-                      "fused_groups", "unfused_groups", "skipped_groups", "size_attributes", "seconds"]
+                      "fused_groups", "unfused_groups", "skipped_groups", "size_attributes", "seconds",
+                      "synthesis_seconds"]
+DATA_REPAIRS = ("data", "data_downstream", "reconstruct")
+DESCRIPTIONS = {
+    "pitchnet": "CREPE-style pitch estimator: 1024-sample frames, six Conv2d layers with (512,1)/(64,1) kernels, "
+                "each zero padding -> conv -> ReLU -> BatchNorm -> max-pool, and a classifier fed by "
+                "`x.permute(0, 2, 1, 3).reshape(-1, self.in_features)`; 360 pitch bins, trained on synthetic "
+                "harmonic tones.",
+    "flatten_cnn": "A plain `nn.Sequential` (Conv-BN-ReLU, Conv-BN-ReLU-MaxPool, Flatten, Linear) on Fashion-MNIST.",
+    "two_head": "A CNN returning a tuple (class logits, 32-dim embedding) on Fashion-MNIST.",
+}
 DATA_FREE = ("none", "datafree", "variance")
+CALIBRATION_LABELS = {"none": "no data", "synthetic": "synthetic (no data)", "data": "real inputs"}
 LABELS = {"default": "default pruning", "intra_fusion": "Intra-Fusion", "intra_fusion_fp": "Intra-Fusion (fp)",
           "fold": "Model Folding"}
 
@@ -46,17 +58,32 @@ def row_key(row: dict) -> tuple:
     return tuple(str(row.get(k)) for k in KEY)
 
 
-def run_cell(name: str, sparsity: float, method: str, repair: str, samples: int, checkpoints: str) -> dict:
+def calibration_inputs(name: str, kind: str, samples: int, checkpoints: str, cache: dict):
+    """(inputs, seconds it took to make them): real ones from the model's data, or synthesised from
+    its BatchNorm statistics (once per model, as compress(calibration="synthetic") would, seed 0)."""
+    entry = gallery_entry(name)
+    if kind == "data":
+        return entry.calibration(samples, 0), 0.0
+    if (name, samples) not in cache:
+        model, _ = load_trained(name, checkpoints)
+        inputs, report = synthesize_calibration(model, entry.example_input(), samples)
+        cache[(name, samples)] = inputs, report.seconds
+    return cache[(name, samples)]
+
+
+def run_cell(name: str, sparsity: float, method: str, repair: str, kind: str, samples: int, checkpoints: str,
+             cache: dict) -> dict:
     entry = gallery_entry(name)
     model, checkpoint = load_trained(name, checkpoints)
-    calibration = entry.calibration(samples, 0) if repair in ("data", "data_downstream", "reconstruct") else None
+    calibration, synthesis_seconds = (calibration_inputs(name, kind, samples, checkpoints, cache)
+                                      if kind != "none" else (None, 0.0))
     started = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # what the warnings say is in the summary
         small, summary = compress(model, entry.example_input(), sparsity, method, calibration, repair=repair)
     seconds = time.perf_counter() - started
-    return {"model": name, "sparsity": sparsity, "method": method, "repair": repair,
-            "calibration_samples": samples if calibration is not None else 0,
+    return {"model": name, "sparsity": sparsity, "method": method, "repair": repair, "calibration": kind,
+            "calibration_samples": samples if calibration is not None else 0, "synthesis_seconds": round(synthesis_seconds, 1),
             "metric": round(100 * entry.metric(small), 2), "base_metric": round(100 * checkpoint["metric"], 2),
             "params_before": summary.params_before, "params_after": summary.params_after,
             "macs_before": summary.macs_before, "macs_after": summary.macs_after,
@@ -69,23 +96,26 @@ def run(args) -> int:
     for name in args.models:
         load_trained(name, args.checkpoints)  # a missing checkpoint fails here, before any work
     done = {row_key(row) for row in read_rows(args.results)} if Path(args.results).is_file() else set()
-    cells = [(m, s, x, r) for m in args.models for s in args.sparsities for x in args.methods for r in args.repairs
+    cells = [(m, s, x, r, k) for m in args.models for s in args.sparsities for x in args.methods for r in args.repairs
+             for k in (args.calibrations if r in DATA_REPAIRS else ["none"])
              if not (x == "default" and r in ("datafree", "variance"))]  # nothing merged: nothing to repair
-    for number, (name, sparsity, method, repair) in enumerate(cells, 1):
-        samples = args.samples if repair in ("data", "data_downstream", "reconstruct") else 0
+    cache: dict = {}
+    for number, (name, sparsity, method, repair, kind) in enumerate(cells, 1):
+        samples = 0 if kind == "none" else args.samples if kind == "data" else args.synthetic_samples
         key = row_key({"model": name, "sparsity": sparsity, "method": method, "repair": repair,
-                       "calibration_samples": samples})
+                       "calibration": kind, "calibration_samples": samples})
         if key in done:
             continue
-        row = run_cell(name, sparsity, method, repair, args.samples, args.checkpoints)
+        row = run_cell(name, sparsity, method, repair, kind, samples, args.checkpoints, cache)
         write_rows(args.results, [row], key=row_key, first_fields=FIELDS)
-        print(f"[{number}/{len(cells)}] {name} s={sparsity} {method} + {repair}: {row['metric']:.2f} "
+        print(f"[{number}/{len(cells)}] {name} s={sparsity} {method} + {repair} ({kind}): {row['metric']:.2f} "
               f"(base {row['base_metric']:.2f}, {row['seconds']:.1f} s)", flush=True)
     return 0
 
 
-def _cell(rows, sparsity, method, repair) -> str:
-    match = [r for r in rows if float(r["sparsity"]) == sparsity and r["method"] == method and r["repair"] == repair]
+def _cell(rows, sparsity, method, repair, kind) -> str:
+    match = [r for r in rows if float(r["sparsity"]) == sparsity and r["method"] == method
+             and r["repair"] == repair and r["calibration"] == kind]
     return f"{float(match[0]['metric']):.2f}" if match else ""
 
 
@@ -93,27 +123,34 @@ def model_section(name: str, rows: list[dict]) -> list[str]:
     entry = GALLERY[name]
     sparsities = sorted({float(r["sparsity"]) for r in rows})
     first = rows[0]
-    lines = [f"## {name}", "", f"{entry.build.__doc__ or ''}".strip().splitlines()[0] if entry.build.__doc__ else "",
-             "", f"Unpruned: {float(first['base_metric']):.2f}% {entry.metric_name}, "
+    lines = [f"## {name}", "", DESCRIPTIONS[name], "", f"Unpruned: {float(first['base_metric']):.2f}% {entry.metric_name}, "
              f"{int(first['params_before']):,} parameters, {int(first['macs_before']):,} MACs.", ""]
     skipped = json.loads(first["skipped_groups"])
     attributes = json.loads(first["size_attributes"])
     unfused = {group: why for r in rows for group, why in json.loads(r["unfused_groups"]).items()}
-    lines.append(f"What compress() does with it (no `ignored_layers`): {int(first['fused_groups'])} groups "
-                 "fused by the merging methods" + (f", {len(unfused)} pruned without fusion" if unfused else "")
+    fused = max(int(r["fused_groups"]) for r in rows)
+    lines.append(f"What compress() does with it (no `ignored_layers`): the merging methods fuse {fused} groups"
+                 + (f", {len(unfused)} are pruned without fusion" if unfused else "")
                  + (", and left unpruned:" if skipped else "; no group left unpruned."))
     lines += [f"- `{layer}`: {why}" for layer, why in skipped.items()]
     if attributes:
         lines.append("Integer attributes updated to the pruned width: "
                      + ", ".join(f"`{key}` {old} -> {new}" for key, (old, new) in attributes.items()) + ".")
-    lines += ["", "| method | repair | " + " | ".join(f"s={s:g}" for s in sparsities) + " |",
-              "|---|---|" + "---|" * len(sparsities)]
+    lines += ["", "| method | repair | calibration | " + " | ".join(f"s={s:g}" for s in sparsities) + " |",
+              "|---|---|---|" + "---|" * len(sparsities)]
     methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
     for repair in [r for r in REPAIR_MODES if any(row["repair"] == r for row in rows)]:
-        for method in methods:
-            cells = [_cell(rows, s, method, repair) for s in sparsities]
-            if any(cells):
-                lines.append(f"| {LABELS.get(method, method)} | {repair} | " + " | ".join(cells) + " |")
+        for kind in ("none", "synthetic", "data"):
+            for method in methods:
+                cells = [_cell(rows, s, method, repair, kind) for s in sparsities]
+                if any(cells):
+                    lines.append(f"| {LABELS.get(method, method)} | {repair} | {CALIBRATION_LABELS[kind]} | "
+                                 + " | ".join(cells) + " |")
+    synthesis = [float(r["synthesis_seconds"]) for r in rows if r["calibration"] == "synthetic"]
+    if synthesis:
+        count = next(int(r["calibration_samples"]) for r in rows if r["calibration"] == "synthetic")
+        lines += ["", f"Synthesising the {count} calibration inputs from the BatchNorm statistics took "
+                  f"{max(synthesis):.0f} s."]
     sizes = {float(r["sparsity"]): r for r in rows}
     lines += ["", "Size after: " + "; ".join(
         f"s={s:g}: {int(r['params_after']):,} parameters ({int(r['params_after']) / int(r['params_before']):.0%}), "
@@ -123,7 +160,7 @@ def model_section(name: str, rows: list[dict]) -> list[str]:
 
 def page(args) -> int:
     rows = read_rows(args.results)
-    samples = sorted({int(r["calibration_samples"]) for r in rows if int(r["calibration_samples"])})
+    samples = sorted({int(r["calibration_samples"]) for r in rows if r["calibration"] == "data"})
     lines = page_head("Models you bring: compress() on trained foreign-style models", INTRO.format(
         samples=", ".join(map(str, samples)) or "no"), COMMANDS)
     for name in GALLERY:
@@ -139,8 +176,10 @@ INTRO = """Three trained models written the way third-party code writes them
 (`torch_pruning_ext/experiments/gallery.py`), each compressed whole by the one call a user makes,
 `compress(model, example, sparsity, method, calibration, repair=...)`, with no `ignored_layers` and
 no fine-tuning. Data-free repairs (`none`, `datafree`, `variance`) use no data at all; `reconstruct`
-uses {samples} unlabelled calibration inputs (pitch: fresh synthetic tones; images: Fashion-MNIST
-training images), never the test set. The metric is measured on the model's test set.
+uses either {samples} real unlabelled calibration inputs (pitch: fresh synthetic tones; images:
+Fashion-MNIST training images, never the test set) or, with no data at all, inputs synthesised from
+the model's own BatchNorm statistics (`calibration="synthetic"`). The metric is measured on the
+model's test set.
 Numbers: 2 CPU cores, torch 2.14.1, torch-pruning 1.6.x."""
 COMMANDS = ["scripts/gallery.py train pitchnet && scripts/gallery.py train flatten_cnn && scripts/gallery.py train two_head",
             "scripts/models_report.py run", "scripts/models_report.py page"]
@@ -156,7 +195,11 @@ def parse(argv):
                         default=["default", "intra_fusion_fp", "fold"])
     runner.add_argument("--repairs", nargs="+", type=choice(REPAIR_MODES, "repair"),
                         default=["none", "datafree", "variance", "reconstruct"])
-    runner.add_argument("--samples", type=positive_int, default=1024, help="calibration inputs for data repairs")
+    runner.add_argument("--samples", type=positive_int, default=1024, help="real calibration inputs for data repairs")
+    runner.add_argument("--synthetic-samples", type=positive_int, default=SYNTHETIC_SAMPLES,
+                        help="inputs synthesised from the BatchNorm statistics for data repairs")
+    runner.add_argument("--calibrations", nargs="+", type=choice(("data", "synthetic"), "calibration"),
+                        default=["data", "synthetic"], help="where the data repairs' inputs come from")
     runner.add_argument("--checkpoints", default="runs/gallery")
     runner.add_argument("--threads", type=positive_int, default=None)
     writer = commands.add_parser("page", help="write docs/MODELS.md from the results")
