@@ -106,7 +106,11 @@ def run(args) -> int:
                        "calibration": kind, "calibration_samples": samples})
         if key in done:
             continue
-        row = run_cell(name, sparsity, method, repair, kind, samples, args.checkpoints, cache)
+        try:
+            row = run_cell(name, sparsity, method, repair, kind, samples, args.checkpoints, cache)
+        except RuntimeError as error:  # compress() refused to return a broken model: say so, go on
+            print(f"[{number}/{len(cells)}] {name} s={sparsity} {method} + {repair} ({kind}): {error}", flush=True)
+            continue
         write_rows(args.results, [row], key=row_key, first_fields=FIELDS)
         print(f"[{number}/{len(cells)}] {name} s={sparsity} {method} + {repair} ({kind}): {row['metric']:.2f} "
               f"(base {row['base_metric']:.2f}, {row['seconds']:.1f} s)", flush=True)
