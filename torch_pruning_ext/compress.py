@@ -22,7 +22,7 @@ from .pruner import IntraFusionPruner, channel_origin, check_sparsity
 from .importance import build_importance, needs_data
 from .inputs import first_line, run_model, shape_text, tensors_of
 from .synthesis import SYNTHETIC_SAMPLES, synthesize_calibration
-from .repair import (DATA_MODES, REPAIR_MODES, fused_row_maps, repair_by_reconstruction, repair_variance, repair_with_data,
+from .repair import (DATA_MODES, REPAIR_MODES, batchnorm_sources, fused_row_maps, repair_by_reconstruction, repair_variance, repair_with_data,
                      repair_without_data)
 
 CALIBRATION_SAMPLES = 1024  # unlabelled inputs the data repairs use by default
@@ -213,9 +213,7 @@ def compress(model: nn.Module, example_inputs: torch.Tensor, sparsity: float = 0
     results = pruner.prune("all", sparsity, transport, fusion_rule=rule, global_pruning=schedule == "global",
                            max_group_sparsity=max_layer_sparsity, progress=progress)
     report = {}
-    # BNs folded into their layer, and BNs after a ReLU whose statistics describe its output
-    bn_of = {pair.layer: pair.batchnorm for pair in pruner.folded if pair.activation in (None, "ReLU")}
-    after_relu = {pair.layer for pair in pruner.folded if pair.activation == "ReLU"}
+    bn_of, after_relu = batchnorm_sources(pruner.folded)
     if repair == "reconstruct":
         report = repair_by_reconstruction(folded, target, channel_origin(results), images,
                                           row_maps=fused_row_maps(folded, results))

@@ -172,10 +172,11 @@ class IntraFusionPruner:
         check_choice(fusion_rule, FUSION_RULES, "fusion rule")
         # conv blocks are structural (pruning other groups does not change them): counted for every group
         # first, so a group that cannot be pruned consistently stops the call before any change
-        blocks = {index: self._blocks(index) for index in indices}
+        unchanged = {index: full_group(self.graph, self.roots[index]) for index in indices}
+        blocks = {index: channel_blocks(group, len(group[0].idxs), self.names) for index, group in unchanged.items()}
         record = record_forward(self.model, self.example_inputs)
         widths = layer_widths(self.model)
-        skipped = self._unsafe_groups(indices, sparsity, blocks, record, trial=not dimensionality_preserving)
+        skipped = self._unsafe_groups(unchanged, sparsity, blocks, record, trial=not dimensionality_preserving)
         if skipped:
             warnings.warn("left unpruned because pruning them would break the model: " + "; ".join(
                 f"group {index} ({self.names[self.roots[index]]}): {why}" for index, why in skipped.items()),
@@ -185,7 +186,7 @@ class IntraFusionPruner:
         results = []
         for done, index in enumerate(indices, 1):
             if index in skipped:
-                results.append(self._skipped(index, skipped[index]))
+                results.append(self._skipped(index, unchanged[index], skipped[index]))
             else:
                 results.append(self._prune_group(index, sparsity, transport, fusion_rule,
                                                  dimensionality_preserving, plan.get(index), blocks[index]))
@@ -197,13 +198,12 @@ class IntraFusionPruner:
             raise RuntimeError(f"the pruned model no longer runs like the original on the example inputs: {problem}")
         return results
 
-    def _unsafe_groups(self, indices, sparsity, blocks, record, trial: bool) -> dict[int, str]:
+    def _unsafe_groups(self, groups: dict, sparsity, blocks, record, trial: bool) -> dict[int, str]:
         """Group index -> why pruning it would break the model, found before any change: torch-pruning's
         channel mapping through reshapes is probed, and groups whose widths equal an integer attribute
         that forward() reads are pruned plainly on a copy first."""
         skipped, trials = {}, {}
-        for index in indices:
-            group = full_group(self.graph, self.roots[index])
+        for index, group in groups.items():
             reason = probe_mapping(self.model, group, self.example_inputs, self.names)
             if reason is not None:
                 skipped[index] = reason
@@ -219,16 +219,11 @@ class IntraFusionPruner:
             skipped.update({trials[name][0]: why for name, why in broken.items()})
         return dict(sorted(skipped.items()))
 
-    def _skipped(self, index: int, reason: str) -> GroupResult:
-        group = full_group(self.graph, self.roots[index])
+    def _skipped(self, index: int, group, reason: str) -> GroupResult:
         n = len(group[0].idxs)
         producers, consumers = layer_roles(group, n, self.names)
         return GroupResult(index, n, [], fused=False, producers=list(producers), consumers=consumers,
                            skipped_reason=reason)
-
-    def _blocks(self, index: int) -> int:
-        group = full_group(self.graph, self.roots[index])
-        return channel_blocks(group, len(group[0].idxs), self.names)
 
     def _global_plan(self, indices, sparsity, cap=None) -> dict[int, list[int]]:
         scores = {index: self._scores(index) for index in indices}

@@ -155,6 +155,15 @@ def repair_with_data(original: nn.Module, pruned: nn.Module, layers: list[str],
             handle.remove()
 
 
+def batchnorm_sources(pairs) -> tuple[dict[str, str], set[str]]:
+    """From folded (layer, BN) pairs: layer -> BN name for the data-free repairs (BNs folded into
+    their layer, and BNs after a ReLU, whose statistics describe its output), and the layers of the
+    second kind. A BN after a LeakyReLU is left out: its statistics are not a rectified Gaussian's."""
+    usable = [pair for pair in pairs if pair.activation in (None, "ReLU")]
+    return ({pair.layer: pair.batchnorm for pair in usable},
+            {pair.layer for pair in usable if pair.activation == "ReLU"})
+
+
 def _folded_channel_stats(bn: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and std of a BN's output in the original model, from its running statistics."""
     gamma = bn.weight.detach().double() if bn.affine else torch.ones_like(bn.running_var, dtype=torch.float64)

@@ -6,9 +6,10 @@ with plain Python values. Two things break models it did not anticipate:
   the wrong inputs of the consumer, so the pruned model runs but computes something else.
   `probe_mapping` perturbs the group's channels at their producers and watches which inputs of each
   consumer move: they must be exactly the ones torch-pruning would remove with those channels.
-- a width stored in an attribute (`x.reshape(-1, self.in_features)`): `SizeAttributes` records the
-  integer attributes forward() reads and updates one when the width it equals changed to a single
-  new value; `trial_prune` prunes a copy to find the groups that would still break the forward.
+- a width stored in an attribute (`x.reshape(-1, self.in_features)`): `record_forward` records the
+  integer attributes forward() reads, `sync_attributes` updates one when the width it equals changed
+  to a single new value, and `breaking_groups` prunes copies to find the groups that would still
+  break the forward.
 Whatever is left, `check_outputs` refuses: the pruned model must give outputs of the same structure
 and shapes as the original on the example inputs.
 """

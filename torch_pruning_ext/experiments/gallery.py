@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..files import atomic_path
+from ..modes import eval_mode
 from .data import (CALIBRATION_POOL, ImageSet, dataset_info, load_split, normalize, random_crop_flip)
 
 # --------------------------------------------------------------------------------------------
@@ -129,16 +130,11 @@ def _outputs(model: nn.Module, inputs: torch.Tensor, batch_size: int) -> torch.T
     """The model's first output on `inputs`, in eval mode, batch by batch (train mode restored)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
-    was_training = model.training
-    model.eval()
     out = []
-    try:
-        with torch.inference_mode():
-            for start in range(0, inputs.shape[0], batch_size):
-                result = model(inputs[start:start + batch_size])
-                out.append(result[0] if isinstance(result, (tuple, list)) else result)
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.inference_mode():
+        for start in range(0, inputs.shape[0], batch_size):
+            result = model(inputs[start:start + batch_size])
+            out.append(result[0] if isinstance(result, (tuple, list)) else result)
     return torch.cat(out) if out else torch.empty(0)
 
 

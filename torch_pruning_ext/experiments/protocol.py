@@ -26,7 +26,7 @@ from ..optimal_transport import OptimalTransport
 from ..bn_folding import fold_batchnorms
 from ..pruner import IntraFusionPruner, channel_origin
 from ..compress import check_schedule
-from ..repair import (DATA_MODES, check_mode as check_repair, fused_row_maps, layer_statistics,
+from ..repair import (DATA_MODES, batchnorm_sources, check_mode as check_repair, fused_row_maps, layer_statistics,
                      repair_by_reconstruction, repair_variance, repair_with_data, repair_without_data)
 from ..serialization import save_pruned
 from .staged import PrefixCache, first_stage, has_stages, run_stages
@@ -162,8 +162,7 @@ def prepare(model: nn.Module, example: torch.Tensor, bn_fold: str | None) -> Pre
     pairs = fold_batchnorms(folded, example, bn_fold, graph=graph) if bn_fold else []
     names = {module: name for name, module in folded.named_modules()}
     ignored = output_layers(graph)
-    return PreparedModel(folded, bn_fold, {pair.layer: pair.batchnorm for pair in pairs if pair.activation in (None, "ReLU")},
-                         {pair.layer for pair in pairs if pair.activation == "ReLU"},
+    return PreparedModel(folded, bn_fold, *batchnorm_sources(pairs),
                          [names[layer] for layer in ignored], list_groups(folded, example, ignored, graph=graph))
 
 
