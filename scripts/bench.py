@@ -28,6 +28,7 @@ from torch_pruning_ext.experiments.checkpoints import load_model, resolve_checkp
 from torch_pruning_ext.experiments.data import calibration_set, dataset_info, load_split, normalize  # noqa: E402
 from torch_pruning_ext.experiments.evaluation import accuracy  # noqa: E402
 from torch_pruning_ext.l1_kernel import l1_kernel  # noqa: E402
+from torch_pruning_ext.modes import as_fast_input, fast_layout  # noqa: E402
 from torch_pruning_ext.optimal_transport import OptimalTransport, _unit_rows  # noqa: E402
 from torch_pruning_ext.experiments.protocol import repair_images  # noqa: E402
 from torch_pruning_ext.pruner import IntraFusionPruner  # noqa: E402
@@ -124,34 +125,68 @@ def print_wide_transport(cdist_rows: int) -> None:
         print(line, flush=True)
 
 
-def reconstruct_pass(model_name: str, space: str, samples: int, sparsity: float) -> dict:
-    """Seconds and extra peak memory (max RSS growth) of one reconstruct pass over the whole network,
-    measured in this process after everything else is loaded: run it in a fresh process."""
-    info = dataset_info("fashion-mnist")
-    model = load_model(resolve_checkpoint(model_name, "fashion-mnist", None, ROOT), model_name, "fashion-mnist",
-                       info.num_classes).model
-    images = repair_images(calibration_set("fashion-mnist"), info, samples, 0)
-    fold_batchnorms(model, images[:1], "reference")
+RECONSTRUCT_MODELS = ("vgg11_bn", "resnet18", "torchvision_resnet18", "pitchnet_narrow", "pitchnet_wide")
+
+
+def _reconstruct_subject(name: str, samples: int) -> tuple[torch.nn.Module, torch.Tensor]:
+    """(BN-folded model, calibration inputs): the shipped checkpoints on Fashion-MNIST images, the
+    others with random weights on random inputs (timing only)."""
+    if name in ("vgg11_bn", "resnet18"):
+        info = dataset_info("fashion-mnist")
+        model = load_model(resolve_checkpoint(name, "fashion-mnist", None, ROOT), name, "fashion-mnist",
+                           info.num_classes).model
+        inputs = repair_images(calibration_set("fashion-mnist"), info, samples, 0)
+    elif name == "torchvision_resnet18":
+        import torchvision
+        model, inputs = torchvision.models.resnet18(num_classes=10), torch.randn(samples, 3, 32, 32)
+    else:  # the CREPE-shaped audio model: 1024-sample frames, kernels (512, 1) and (64, 1)
+        from torch_pruning_ext.experiments.gallery import PitchNet, pitchnet_wide
+        model, inputs = (pitchnet_wide() if name == "pitchnet_wide" else PitchNet()), torch.randn(samples, 1024)
+    model.eval()
+    fold_batchnorms(model, inputs[:1], "reference")
+    return model, inputs
+
+
+def reconstruct_pass(name: str, samples: int, sparsity: float) -> dict:
+    """One reconstruct pass over the whole network (default pruning at `sparsity`), then one forward
+    pass of the original over the same inputs (channels-last, as the pass runs it): seconds of both
+    and the pass's extra peak memory (max RSS growth; run it in a fresh process)."""
+    model, inputs = _reconstruct_subject(name, samples)
     pruned = copy.deepcopy(model)
-    pruner = IntraFusionPruner(pruned, images[:1], fold_bn=None)
+    pruner = IntraFusionPruner(pruned, inputs[:1], fold_bn=None)
     pruner.prune("all", sparsity)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     started = time.perf_counter()
-    repair_by_reconstruction(model, pruned, pruner.channel_origin, images, space=space)
+    report = repair_by_reconstruction(model, pruned, pruner.channel_origin, inputs)
     seconds = time.perf_counter() - started
     extra_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
-    return {"seconds": seconds, "extra_peak_mib": extra_kib / 1024, "input_mib": images.numel() * 4 / 2 ** 20}
+    with torch.no_grad(), fast_layout(model):
+        fast = as_fast_input(inputs, inputs.device)
+        model(fast[:8])  # warm-up
+        started = time.perf_counter()
+        model(fast)
+        forward = time.perf_counter() - started
+    modes = sorted({entry["mode"] for entry in report.values()})
+    return {"seconds": seconds, "forward": forward, "extra_peak_mib": extra_kib / 1024,
+            "input_mib": inputs.numel() * 4 / 2 ** 20, "modes": modes,
+            "input_space_layers": sorted(name for name, entry in report.items() if "why" in entry)}
 
 
-def print_reconstruct() -> None:
-    print("\n== reconstruct repair: whole network s=0.5 (default pruning), 1024 unlabelled images, one pass")
-    for model_name in ("vgg11_bn", "resnet18"):
-        for space in ("output", "input"):
-            child = subprocess.run([sys.executable, __file__, "--reconstruct-pass", model_name, space],
-                                   capture_output=True, text=True, check=True)
-            numbers = json.loads(child.stdout.strip().splitlines()[-1])
-            print(f"  {model_name:<9} space={space:<7}{numbers['seconds']:8.1f} s   extra peak memory "
-                  f"{numbers['extra_peak_mib']:7.0f} MiB (the images: {numbers['input_mib']:.0f} MiB)", flush=True)
+def print_reconstruct(models=RECONSTRUCT_MODELS, samples: int = 1024, sparsity: float = 0.5) -> None:
+    print(f"\n== reconstruct repair: whole network s={sparsity} (default pruning), {samples} unlabelled inputs;"
+          " forward = one pass of the original over the same inputs")
+    for name in models:
+        child = subprocess.run([sys.executable, __file__, "--reconstruct-pass", name, str(samples), str(sparsity)],
+                               capture_output=True, text=True)
+        if child.returncode != 0:
+            print(f"  {name:<21} failed: {(child.stderr.strip().splitlines() or ['?'])[-1]}", flush=True)
+            continue
+        numbers = json.loads(child.stdout.strip().splitlines()[-1])
+        fallback = numbers["input_space_layers"]
+        print(f"  {name:<21} reconstruct {numbers['seconds']:7.1f} s  forward {numbers['forward']:6.2f} s  "
+              f"ratio {numbers['seconds'] / numbers['forward']:5.1f}x  extra peak memory "
+              f"{numbers['extra_peak_mib']:6.0f} MiB (inputs {numbers['input_mib']:.0f} MiB)"
+              + (f"  input-space fallback: {', '.join(fallback)}" if fallback else ""), flush=True)
 
 
 def print_synthesis(samples: int) -> None:
@@ -169,25 +204,28 @@ def main_bench(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", default=None)
     parser.add_argument("--skip-job", action="store_true", help="skip the (slow) whole-job comparison")
-    parser.add_argument("--only-reconstruct", action="store_true", help="run only the reconstruct benchmark")
+    parser.add_argument("--only-reconstruct", nargs="*", choices=RECONSTRUCT_MODELS, default=None, metavar="MODEL",
+                        help=f"run only the reconstruct benchmark (on these of {', '.join(RECONSTRUCT_MODELS)}; "
+                             "default all)")
     parser.add_argument("--only-wide-transport", action="store_true",
                         help="run only the wide-group (4096-channel) transport benchmark")
     parser.add_argument("--cdist-rows", type=int, default=256,
                         help="rows on which the wide-group benchmark times torch.cdist p=1 (0: skip; 4096: all)")
     parser.add_argument("--only-synthesis", type=int, metavar="N", default=None,
                         help="run only the synthetic-calibration benchmark, with N inputs (issue 28: 1024)")
-    parser.add_argument("--reconstruct-pass", nargs=2, metavar=("MODEL", "SPACE"), default=None,
+    parser.add_argument("--reconstruct-pass", nargs=3, metavar=("MODEL", "SAMPLES", "SPARSITY"), default=None,
                         help=argparse.SUPPRESS)  # internal: one timed pass, printed as JSON
     args = parser.parse_args(argv)
     if args.reconstruct_pass:
-        print(json.dumps(reconstruct_pass(*args.reconstruct_pass, samples=1024, sparsity=0.5)))
+        name, samples, sparsity = args.reconstruct_pass
+        print(json.dumps(reconstruct_pass(name, int(samples), float(sparsity))))
         return 0
     torch.manual_seed(0)
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
 
-    if args.only_reconstruct:
-        print_reconstruct()
+    if args.only_reconstruct is not None:
+        print_reconstruct(args.only_reconstruct or RECONSTRUCT_MODELS)
         return 0
     if args.only_synthesis:
         print_synthesis(args.only_synthesis)

@@ -30,6 +30,8 @@ import torch.nn as nn
 from .modes import as_fast_input, eval_mode, fast_layout
 from .checks import check_choice
 from .groups import ROOT_TYPES, out_channels
+from .patches import (PATCH_TYPES, output_rows, patch_rows, positions_per_sample, rows_to_weight, samples_of,
+                      weight_rows)
 
 REPAIR_MODES = ("none", "data", "data_downstream", "datafree", "variance", "reconstruct")
 DATA_MODES = ("data", "data_downstream", "reconstruct")  # the modes that need unlabelled images
@@ -279,8 +281,13 @@ def _origin_before(result, origin_after: torch.Tensor, original_count: int) -> t
 # ---------------------------------------------------------------------------------------------------
 RECONSTRUCT_RIDGE = 1e-3  # ridge lambda, relative to the mean diagonal of the pruned input's Gram matrix
 RECONSTRUCT_SPACES = ("output", "input")
-RECONSTRUCT_POSITIONS = 2 ** 18  # output positions sampled per layer for the output-space fit
-_GRAM_CHUNK_BYTES = 64 * 2 ** 20  # float64 copy of layer inputs per accumulation step
+RECONSTRUCT_POSITIONS = 2 ** 18  # at most this many output positions per layer for the output-space fit
+RECONSTRUCT_COST = 1.0  # an output-space fit may cost this many times the original layer's MACs on the data
+#                        plus the same multiple of an even share of the whole model's
+_FREE_MACS = 2 ** 30  # an allowance of at least this (about 15 ms on two cores): small fits always fit
+RECONSTRUCT_POSITIONS_PER_FEATURE = 32  # and at most this many per feature (weight column) of the layer
+RECONSTRUCT_MIN_POSITIONS = 4  # per feature: with fewer, the layer falls back to the input-space map
+_GRAM_CHUNK_BYTES = 64 * 2 ** 20  # layer inputs (or patches) per accumulation step
 
 
 class _Stop(Exception):
@@ -299,17 +306,24 @@ def _chunks(x: torch.Tensor, bytes_per_image: int):
     return x.split(step)
 
 
-def _run_order(model: nn.Module, names: list[str], example: torch.Tensor) -> list[str]:
-    """The named layers in the order of their first call on `example` (layers that never run are left out)."""
-    modules, order = dict(model.named_modules()), []
+def _run_order(model: nn.Module, names: list[str], example: torch.Tensor) -> tuple[list[str], dict[str, int]]:
+    """The named layers in the order of their first call on `example` (layers that never run are left
+    out), and the multiply-adds each computes per sample (outputs x weights per output)."""
+    modules, order, macs = dict(model.named_modules()), [], {}
+
+    def count(name):
+        def hook(layer, _, output):
+            if name not in macs and isinstance(output, torch.Tensor):
+                macs[name] = output.numel() // len(example) * layer.weight[0].numel()
+        return hook
     handles = [modules[name].register_forward_pre_hook(lambda *_, n=name: order.append(n) if n not in order else None)
-               for name in names]
+               for name in names] + [modules[name].register_forward_hook(count(name)) for name in names]
     try:
         model(example)
     finally:
         for handle in handles:
             handle.remove()
-    return order
+    return order, macs
 
 
 def _solve(gram: torch.Tensor, cross: torch.Tensor, ridge: float, intercept: bool) -> torch.Tensor:
@@ -318,14 +332,15 @@ def _solve(gram: torch.Tensor, cross: torch.Tensor, ridge: float, intercept: boo
     diagonal of G."""
     size = gram.shape[0] - int(intercept)
     scale = gram.diagonal()[:size].mean().clamp_min(1e-12) if size else gram.new_tensor(1.0)
-    penalty = torch.full((gram.shape[0],), ridge * float(scale), dtype=gram.dtype)
+    penalty = torch.full((gram.shape[0],), ridge * float(scale), dtype=gram.dtype, device=gram.device)
     if intercept:
         penalty[-1] = 1e-12 * float(scale)
     system = gram + torch.diag(penalty)
-    try:
-        return torch.linalg.solve(system, cross)
-    except RuntimeError:  # singular even with the ridge (e.g. ridge=0 and dead channels)
-        return torch.linalg.lstsq(system, cross).solution
+    factor, info = torch.linalg.cholesky_ex(system)  # symmetric positive definite: half the work of LU
+    if int(info) == 0:
+        return torch.cholesky_solve(cross, factor)
+    # singular even with the ridge (e.g. ridge=0 and dead channels)
+    return torch.linalg.lstsq(system.cpu(), cross.cpu()).solution.to(gram.device)
 
 
 def _original_rows(original: nn.Module, selection: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -333,7 +348,7 @@ def _original_rows(original: nn.Module, selection: torch.Tensor) -> tuple[torch.
     `selection` is an index per kept channel, or a k x n map mixing the original rows (fused rows)."""
     weight = original.weight.detach().double()
     bias = original.bias.detach().double() if original.bias is not None else \
-        torch.zeros(weight.shape[0], dtype=torch.float64)
+        torch.zeros(weight.shape[0], dtype=torch.float64, device=weight.device)
     if selection.is_floating_point():
         mix = selection.double()
         return torch.einsum("kn,n...->k...", mix, weight), mix @ bias
@@ -347,14 +362,14 @@ def _refit_input(layer: nn.Module, original: nn.Module, origin: torch.Tensor, pr
     channel_dim = -1 if isinstance(layer, nn.Linear) else 1
     k, n = pruned_in.shape[channel_dim], original_in.shape[channel_dim]
     dim = k + int(intercept)
-    gram = torch.zeros(dim, dim, dtype=torch.float64)
-    cross = torch.zeros(dim, n, dtype=torch.float64)
+    gram = torch.zeros(dim, dim, dtype=torch.float64, device=pruned_in.device)
+    cross = torch.zeros(dim, n, dtype=torch.float64, device=pruned_in.device)
     total = 0.0
     per_image = (k + n) * 8 * (pruned_in[0].numel() // max(1, k))
     for a, b in zip(_chunks(pruned_in, per_image), _chunks(original_in, per_image)):
         a, b = _as_rows(a, layer).double(), _as_rows(b, layer).double()
         if intercept:
-            a = torch.cat([a, torch.ones(1, a.shape[1], dtype=a.dtype)])
+            a = torch.cat([a, a.new_ones(1, a.shape[1])])
         gram += a @ a.t()
         cross += a @ b.t()
         total += float((b ** 2).sum())
@@ -370,117 +385,115 @@ def _refit_input(layer: nn.Module, original: nn.Module, origin: torch.Tensor, pr
     return explained
 
 
-def _conv_geometry(layer: nn.Module):
-    """kernel, stride, padding, dilation of a Conv1d/Conv2d as 2-D tuples (a Conv1d is 1 x L)."""
-    if isinstance(layer, nn.Conv1d):
-        return ((1, layer.kernel_size[0]), (1, layer.stride[0]), (0, layer.padding[0]), (1, layer.dilation[0]))
-    return layer.kernel_size, layer.stride, layer.padding, layer.dilation
+_GRAM_BLOCK = 512  # rows per block of the Gram matrix: only blocks on and below the diagonal are computed
 
 
-def _output_size(layer: nn.Module, x: torch.Tensor) -> tuple[int, int]:
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = _conv_geometry(layer)
-    height, width = (1, x.shape[-1]) if x.dim() == 3 else x.shape[-2:]
-    return (height + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (width + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+def _add_lower_gram(gram: torch.Tensor, rows: torch.Tensor) -> None:
+    """gram += rows^T rows (float64), computing only the blocks on and below the diagonal (the product's
+    cost nearly halves for wide layers; _mirror_lower fills the rest once at the end)."""
+    for start in range(0, rows.shape[1], _GRAM_BLOCK):
+        end = min(start + _GRAM_BLOCK, rows.shape[1])
+        gram[start:end, :end] += (rows[:, start:end].t() @ rows[:, :end]).double()
 
 
-def _patches(x: torch.Tensor, layer: nn.Module, keep: float, generator) -> torch.Tensor:
-    """(features, positions): what the layer reads at output positions (every one, or a uniform
-    sample of the fraction `keep`): patches of a Conv1d/Conv2d input in the order of the flattened
-    weight, feature vectors of a Linear input."""
-    if isinstance(layer, nn.Linear):
-        rows = x.reshape(-1, x.shape[-1])
-        if keep < 1:
-            rows = rows[torch.randperm(len(rows), generator=generator)[:max(1, round(keep * len(rows)))]]
-        return rows.t()
-    if x.dim() == 3:
-        x = x.unsqueeze(2)
-    channels_last = x.permute(0, 2, 3, 1)  # gathers below then read whole channel vectors
-    if not channels_last.is_contiguous():
-        channels_last = channels_last.contiguous()
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = _conv_geometry(layer)
-    out_h, out_w = _output_size(layer, x)
-    total = x.shape[0] * out_h * out_w
-    if keep < 1:
-        picked = torch.randperm(total, generator=generator)[:max(1, round(keep * total))]
-    else:
-        picked = torch.arange(total)
-    image, rest = picked // (out_h * out_w), picked % (out_h * out_w)
-    y, z = (rest // out_w) * sh - ph, (rest % out_w) * sw - pw
-    parts = []
-    for i in range(kh):
-        for j in range(kw):
-            row, col = y + i * dh, z + j * dw
-            inside = (row >= 0) & (row < x.shape[2]) & (col >= 0) & (col < x.shape[3])
-            values = channels_last[image, row.clamp(0, x.shape[2] - 1), col.clamp(0, x.shape[3] - 1)]  # positions x C
-            parts.append(values * inside[:, None].to(values.dtype))
-    return torch.stack(parts, dim=2).reshape(len(picked), -1).t()  # (C * kh * kw, positions)
+def _mirror_lower(gram: torch.Tensor) -> torch.Tensor:
+    """The symmetric matrix whose lower triangle (diagonal included) is gram's."""
+    lower = gram.tril()
+    return lower + lower.tril(-1).t()
+
+
+def _squares(x: torch.Tensor) -> float:
+    """Sum of squares, accumulated per column in the tensor's precision and across columns in float64."""
+    return float((x * x).sum(0).double().sum())
+
+
+def _output_fit_samples(layer: nn.Module, pruned_in: torch.Tensor, allowance: float,
+                        memory_budget: int | None) -> tuple[int, str]:
+    """How many samples (images, or rows of tokens) the output-space fit of `layer` reads, chosen so
+    that its cost is bounded by design: building the Gram matrix (features^2 multiply-adds per
+    position) and solving it may take at most `allowance` multiply-adds, and its matrices must fit in
+    `memory_budget` bytes. Returns (0, why) when that leaves fewer than RECONSTRUCT_MIN_POSITIONS
+    positions per feature: the layer then gets the input-space channel map instead (its features are
+    channels, not channels x kernel)."""
+    size = layer.weight[0].numel() + 1
+    per_sample = positions_per_sample(layer, pruned_in)
+    total = samples_of(layer, pruned_in).shape[0] * per_sample
+    gram_bytes = 3 * size * size * 8  # the Gram matrix, the regularised system and its factor, float64
+    if memory_budget is not None and gram_bytes > memory_budget:
+        return 0, f"its {size}^2 Gram matrices ({gram_bytes / 2 ** 20:.0f} MiB) exceed memory_budget"
+    positions = int(min(total, RECONSTRUCT_POSITIONS, RECONSTRUCT_POSITIONS_PER_FEATURE * size,
+                        (allowance - size ** 3 / 3) / size ** 2))
+    if positions < min(total, RECONSTRUCT_MIN_POSITIONS * size):
+        return 0, f"an output-space fit over {size} features exceeds the cost allowance"
+    return -(-positions // per_sample), ""
+
+
+def _sample_parts(count: int, chosen: int, step: int, generator):
+    """Index ranges (slices) or index tensors of `chosen` of `count` samples, `step` at a time."""
+    if chosen >= count:
+        return [slice(i, i + step) for i in range(0, count, step)]
+    return list(torch.randperm(count, generator=generator)[:chosen].sort().values.split(step))
 
 
 def _refit_output(layer: nn.Module, original: nn.Module, origin: torch.Tensor, pruned_in: torch.Tensor,
-                  original_in: torch.Tensor, ridge: float, intercept: bool, generator) -> float:
+                  original_in: torch.Tensor, ridge: float, intercept: bool, generator, samples: int) -> float:
     """Refit a (non-grouped) Conv1d/Conv2d/Linear in output space: the weight W' (and bias) minimising
-    |W' U' + b - W U|^2 + lambda |W' - W0|^2, U and U' the patches the layer reads in the original and
-    the pruned model, W the original rows of the kept outputs (`origin`, as in _refit_input), W0 the
-    layer's weight as pruning and fusion left it. The ridge pulls towards W0, not towards zero, and
-    the fit is solved for the change W' - W0 from residuals, so a layer whose inputs did not change
-    keeps its weights exactly."""
+    |U' W'^T + b - U W^T|^2 + lambda |W' - W0|^2, U and U' the patches (one row per output position)
+    the layer reads in the original and the pruned model, at every position of `samples` samples
+    drawn once for both sides; W the original rows of the kept outputs (`origin`, as in _refit_input),
+    W0 the layer's weight as pruning and fusion left it. The ridge pulls towards W0, not towards zero,
+    and the fit is solved for the change W' - W0 from residuals, so a layer whose inputs did not
+    change keeps its weights exactly. U W^T is one convolution of the original input (its patches are
+    never formed)."""
     weight, bias = _original_rows(original, origin)
-    rows = weight.reshape(len(weight), -1)
-    current = layer.weight.detach().reshape(len(weight), -1)
+    current = weight_rows(layer, layer.weight.detach())
+    target_weight = weight.to(original_in.dtype)
     size = current.shape[1]
     dim = size + int(intercept)
-    gram = torch.zeros(dim, dim, dtype=torch.float64)
-    cross = torch.zeros(dim, len(weight), dtype=torch.float64)
+    gram = torch.zeros(dim, dim, dtype=torch.float64, device=current.device)
+    cross = torch.zeros(dim, len(weight), dtype=torch.float64, device=current.device)
     total = before = 0.0
-    if isinstance(layer, nn.Linear):
-        positions = pruned_in[0].numel() // size
-    else:
-        height, width = _output_size(layer, pruned_in[:1])
-        positions = height * width
-    # an even sample of the output positions bounds the work on large inputs (same draws on both sides)
-    fraction = min(1.0, RECONSTRUCT_POSITIONS / (positions * len(pruned_in)))
-    per_image = 8 * (dim + rows.shape[1]) * max(1, round(positions * fraction))
+    pruned_in, original_in = samples_of(layer, pruned_in), samples_of(layer, original_in)
+    per_sample = 4 * positions_per_sample(layer, pruned_in) * (dim + 2 * len(weight))
     offset = None
-    for a, b in zip(_chunks(pruned_in, per_image), _chunks(original_in, per_image)):
-        state = generator.get_state()
-        a = _patches(a, layer, fraction, generator)
-        generator.set_state(state)
-        b = _patches(b, layer, fraction, generator)
+    for part in _sample_parts(len(pruned_in), samples, max(1, _GRAM_CHUNK_BYTES // per_sample), generator):
+        if isinstance(part, torch.Tensor):
+            part = part.to(pruned_in.device)
+        a = patch_rows(layer, pruned_in[part])  # positions x features
+        target = output_rows(layer, original_in[part], target_weight)  # positions x outputs
         # products in the layer's precision over one chunk, sums over chunks in float64; the
         # intercept is a constant extra input (its rows of the Gram matrices are sums)
-        target = rows.to(b.dtype) @ b
-        residual = target - current @ a
+        residual = target - a @ current.t()
         if intercept:
             # with an intercept, inputs may be measured from any offset: from their mean in the first
             # chunk, the float32 products keep their precision where inputs sit far from zero (e.g.
             # after a ReLU and a BatchNorm shift), the solution no longer depends on how the products
             # are split across threads, and the ridge scales with the inputs' spread, not their offset
-            offset = a.mean(1, keepdim=True) if offset is None else offset
+            offset = a.mean(0) if offset is None else offset
             a = a - offset
-        gram[:size, :size] += (a @ a.t()).double()
-        cross[:size] += (a @ residual.t()).double()
+        _add_lower_gram(gram[:size, :size], a)
+        cross[:size] += (a.t() @ residual).double()
         if intercept:
-            sums = a.double().sum(1)
-            gram[:size, size] += sums
-            gram[size, :size] += sums
-            gram[size, size] += a.shape[1]
-            cross[size] += residual.double().sum(1)
-        total += float((target.double() ** 2).sum())
-        before += float((residual.double() ** 2).sum())
+            gram[size, :size] += a.sum(0).double()
+            gram[size, size] += a.shape[0]
+            cross[size] += residual.sum(0).double()
+        total += _squares(target)
+        before += _squares(residual)
+    gram = _mirror_lower(gram)
     change = _solve(gram, cross, ridge, intercept)  # dim x out
     after = before - 2 * float((change * cross).sum()) + float((change * (gram @ change)).sum())
     explained = 1.0 - after / total if total > 0 else 1.0
     if intercept:  # the intercept was fitted for inputs measured from the offset
-        bias = bias + change[-1] - change[:size].t() @ offset[:, 0].double()
+        bias = bias + change[-1] - change[:size].t() @ offset.double()
     new_weight = current.double() + change[:size].t()
-    _set_parameters(layer, new_weight.reshape(layer.weight.shape), bias)
+    _set_parameters(layer, rows_to_weight(layer, new_weight), bias)
     return explained
 
 
 def _refit_depthwise(layer: nn.Conv2d, original: nn.Module, origin: torch.Tensor, pruned_in: torch.Tensor,
                      original_in: torch.Tensor, ridge: float, intercept: bool) -> float:
     """Depthwise conv: each channel reads only itself, so each gets its own scale (and shift)."""
-    stats = torch.zeros(5, pruned_in.shape[1], dtype=torch.float64)  # sum a^2, sum a, sum a*b, sum b, sum b^2
+    stats = torch.zeros(5, pruned_in.shape[1], dtype=torch.float64, device=pruned_in.device)  # sum a^2, sum a, sum a*b, sum b, sum b^2
     count = 0
     for a, b in zip(pruned_in.split(64), original_in.split(64)):
         a, b = _as_rows(a, layer).double(), _as_rows(b, layer).double()[origin]
@@ -531,17 +544,23 @@ def fused_row_maps(original: nn.Module, results) -> dict[str, torch.Tensor]:
     return maps
 
 
-def _refit(layer, original, rows, origin, pruned_in, original_in, ridge, intercept, space, generator) -> dict:
-    """Refit one layer (see repair_by_reconstruction); returns how, and the fraction explained."""
+def _refit(layer, original, rows, origin, pruned_in, original_in, ridge, intercept, space, generator,
+           allowance, memory_budget) -> dict:
+    """Refit one layer (see repair_by_reconstruction); returns how, the fraction explained and, for a
+    layer that falls back from the output space to the input space, why."""
     if isinstance(layer, nn.modules.conv._ConvNd) and layer.groups > 1:
         if not _is_depthwise(layer):
             return {"mode": "skipped (grouped convolution)"}
         return {"mode": "per_channel",
                 "explained": _refit_depthwise(layer, original, origin, pruned_in, original_in, ridge, intercept)}
-    if space == "output" and isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Linear)):
-        return {"mode": "output",
-                "explained": _refit_output(layer, original, rows, pruned_in, original_in, ridge, intercept, generator)}
-    return {"mode": "input", "explained": _refit_input(layer, original, rows, pruned_in, original_in, ridge, intercept)}
+    why = ""
+    if space == "output" and isinstance(layer, PATCH_TYPES):
+        samples, why = _output_fit_samples(layer, pruned_in, allowance, memory_budget)
+        if samples:
+            return {"mode": "output", "explained": _refit_output(layer, original, rows, pruned_in, original_in,
+                                                                 ridge, intercept, generator, samples)}
+    explained = _refit_input(layer, original, rows, pruned_in, original_in, ridge, intercept)
+    return {"mode": "input", "explained": explained, **({"why": why} if why else {})}
 
 
 class _OriginalSide:
@@ -609,7 +628,8 @@ class _OriginalSide:
 def repair_by_reconstruction(original: nn.Module, pruned: nn.Module, channel_origin: dict[str, torch.Tensor],
                              inputs: torch.Tensor, ridge: float = RECONSTRUCT_RIDGE, intercept: bool = True,
                              space: str = "output", skip=(), seed: int = 0,
-                             row_maps: dict[str, torch.Tensor] | None = None) -> dict[str, dict]:
+                             row_maps: dict[str, torch.Tensor] | None = None,
+                             cost: float = RECONSTRUCT_COST, memory_budget: int | None = None) -> dict[str, dict]:
     """Refit every Conv/Linear layer of `pruned` (in place) so that, from the pruned model's own inputs,
     it reproduces what the same layer of `original` outputs for the channels it keeps.
 
@@ -633,7 +653,10 @@ def repair_by_reconstruction(original: nn.Module, pruned: nn.Module, channel_ori
     names = [name for name in layers if name not in skip and name in reference]
     inputs = as_fast_input(inputs, inputs.device)  # channels_last: oneDNN's fastest CPU convolutions
     with eval_mode(original), eval_mode(pruned), fast_layout(original), fast_layout(pruned):
-        order = _run_order(original, names, inputs[:1])
+        order, macs = _run_order(original, names, inputs[:1])
+        # each layer's output-space fit may cost `cost` x (its own forward + an even share of the model's)
+        share = sum(macs.values()) / max(1, len(order))
+        allowance = {name: max(_FREE_MACS, cost * len(inputs) * (macs.get(name, 0) + share)) for name in order}
         report: dict[str, dict] = {}
         side = _OriginalSide(original, order, inputs)
         pending = set(order)
@@ -648,7 +671,8 @@ def repair_by_reconstruction(original: nn.Module, pruned: nn.Module, channel_ori
                     pruned_in = args[0] if args else next(iter(kwargs.values()))
                     origin = channel_origin.get(name, torch.arange(out_channels(layer)))
                     report[name] = _refit(layer, reference[name], (row_maps or {}).get(name, origin), origin,
-                                          pruned_in, original_in, ridge, intercept, space, generator)
+                                          pruned_in, original_in, ridge, intercept, space, generator,
+                                          allowance[name], memory_budget)
                 finally:
                     side.release()
                 if not pending:

@@ -1,0 +1,97 @@
+"""What a Conv1d/Conv2d/Linear layer reads: its input as patch rows (im2col), and its output for other weights.
+
+The least-squares reconstruction works on the patches a layer multiplies by its weight. These helpers
+give one row per output position, features in (kernel row, kernel column, channel) order, and the
+layer's weight flattened in that same order: a patch row is then a copy of kernel-many contiguous
+channel vectors of the channels-last input (much faster than F.unfold, whose channel-major order
+gathers single values). Every padding mode and `padding="same"` are handled by padding explicitly.
+A Conv1d is a Conv2d of height 1; a Linear layer's positions are its input's leading dimensions
+after the first (tokens), and each sample's rows are its tokens.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+PATCH_TYPES = (nn.Conv1d, nn.Conv2d, nn.Linear)
+
+
+def _padded_2d(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The layer's input padded as the layer pads it, as (N, C, H, W) (a Conv1d input gets H = 1)."""
+    mode = "constant" if layer.padding_mode == "zeros" else layer.padding_mode
+    x = F.pad(x, layer._reversed_padding_repeated_twice, mode=mode)
+    return x.unsqueeze(2) if isinstance(layer, nn.Conv1d) else x
+
+
+def _geometry(layer: nn.Module):
+    """kernel, stride and dilation as 2-D tuples (a Conv1d is 1 x L)."""
+    if isinstance(layer, nn.Conv1d):
+        return (1, layer.kernel_size[0]), (1, layer.stride[0]), (1, layer.dilation[0])
+    return layer.kernel_size, layer.stride, layer.dilation
+
+
+def _output_size(layer: nn.Module, height: int, width: int) -> tuple[int, int]:
+    kernel, stride, dilation = _geometry(layer)
+    return ((height - dilation[0] * (kernel[0] - 1) - 1) // stride[0] + 1,
+            (width - dilation[1] * (kernel[1] - 1) - 1) // stride[1] + 1)
+
+
+def samples_of(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The input as (samples, ...): images for a convolution, (N, tokens, features) for a Linear."""
+    return x if not isinstance(layer, nn.Linear) else x.reshape(x.shape[0], -1, x.shape[-1])
+
+
+def positions_per_sample(layer: nn.Module, x: torch.Tensor) -> int:
+    """Output positions of one sample: spatial outputs of a convolution, tokens of a Linear."""
+    if isinstance(layer, nn.Linear):
+        return x[0].numel() // x.shape[-1]
+    height, width = _output_size(layer, *_padded_2d(layer, x[:1]).shape[2:])
+    return height * width
+
+
+def weight_rows(layer: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    """(outputs, features): a weight of the layer's shape flattened in patch-row order."""
+    if isinstance(layer, nn.Linear):
+        return weight
+    if isinstance(layer, nn.Conv1d):
+        return weight.transpose(1, 2).reshape(len(weight), -1)
+    return weight.permute(0, 2, 3, 1).reshape(len(weight), -1)
+
+
+def rows_to_weight(layer: nn.Module, rows: torch.Tensor) -> torch.Tensor:
+    """The inverse of weight_rows: (outputs, features) back to the layer's weight shape."""
+    if isinstance(layer, nn.Linear):
+        return rows
+    shape = layer.weight.shape
+    if isinstance(layer, nn.Conv1d):
+        return rows.reshape(shape[0], shape[2], shape[1]).transpose(1, 2)
+    return rows.reshape(shape[0], shape[2], shape[3], shape[1]).permute(0, 3, 1, 2)
+
+
+def patch_rows(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """(positions, features): every patch the layer reads in `x` (samples as from samples_of), one row
+    per output position of every sample, features in the order of weight_rows."""
+    if isinstance(layer, nn.Linear):
+        return x.reshape(-1, x.shape[-1])
+    kernel, stride, dilation = _geometry(layer)
+    padded = _padded_2d(layer, x).permute(0, 2, 3, 1).contiguous()  # N x H x W x C
+    count, height, width, channels = padded.shape
+    out_h, out_w = _output_size(layer, height, width)
+    row, column = width * channels, channels
+    view = padded.as_strided((count, out_h, out_w, kernel[0], kernel[1], channels),
+                             (height * row, stride[0] * row, stride[1] * column,
+                              dilation[0] * row, dilation[1] * column, 1))
+    return view.reshape(count * out_h * out_w, -1)
+
+
+def output_rows(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """(positions, outputs): what the layer computes from `x` with `weight` (of the layer's weight
+    shape) instead of its own, no bias, in the row order of patch_rows; a convolution runs as one
+    (fast) convolution, its patches are never formed."""
+    if isinstance(layer, nn.Linear):
+        return x.reshape(-1, x.shape[-1]) @ weight.t()
+    _, stride, dilation = _geometry(layer)
+    weight = weight.unsqueeze(2) if isinstance(layer, nn.Conv1d) else weight
+    result = F.conv2d(_padded_2d(layer, x), weight, stride=stride, dilation=dilation)  # N x out x h x w
+    return result.permute(0, 2, 3, 1).reshape(-1, result.shape[1])
