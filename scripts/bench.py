@@ -32,7 +32,7 @@ from torch_pruning_ext.modes import as_fast_input, fast_layout  # noqa: E402
 from torch_pruning_ext.optimal_transport import OptimalTransport, _unit_rows  # noqa: E402
 from torch_pruning_ext.experiments.protocol import repair_images  # noqa: E402
 from torch_pruning_ext.pruner import IntraFusionPruner  # noqa: E402
-from torch_pruning_ext.repair import repair_by_reconstruction  # noqa: E402
+from torch_pruning_ext.reconstruction import repair_by_reconstruction  # noqa: E402
 from torch_pruning_ext.synthesis import synthesize_calibration  # noqa: E402
 
 
@@ -147,7 +147,7 @@ def _reconstruct_subject(name: str, samples: int) -> tuple[torch.nn.Module, torc
     return model, inputs
 
 
-def reconstruct_pass(name: str, samples: int, sparsity: float) -> dict:
+def reconstruct_pass(name: str, samples: int, sparsity: float, batch_size: int | None = None) -> dict:
     """One reconstruct pass over the whole network (default pruning at `sparsity`), then one forward
     pass of the original over the same inputs (channels-last, as the pass runs it): seconds of both
     and the pass's extra peak memory (max RSS growth; run it in a fresh process)."""
@@ -157,7 +157,7 @@ def reconstruct_pass(name: str, samples: int, sparsity: float) -> dict:
     pruner.prune("all", sparsity)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     started = time.perf_counter()
-    report = repair_by_reconstruction(model, pruned, pruner.channel_origin, inputs)
+    report = repair_by_reconstruction(model, pruned, pruner.channel_origin, inputs, batch_size=batch_size)
     seconds = time.perf_counter() - started
     extra_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
     with torch.no_grad(), fast_layout(model):
@@ -172,12 +172,14 @@ def reconstruct_pass(name: str, samples: int, sparsity: float) -> dict:
             "input_space_layers": sorted(name for name, entry in report.items() if "why" in entry)}
 
 
-def print_reconstruct(models=RECONSTRUCT_MODELS, samples: int = 1024, sparsity: float = 0.5) -> None:
-    print(f"\n== reconstruct repair: whole network s={sparsity} (default pruning), {samples} unlabelled inputs;"
-          " forward = one pass of the original over the same inputs")
+def print_reconstruct(models=RECONSTRUCT_MODELS, samples: int = 1024, sparsity: float = 0.5,
+                      batch_size: int | None = None) -> None:
+    batches = "one pass" if batch_size is None else f"batch_size={batch_size}"
+    print(f"\n== reconstruct repair: whole network s={sparsity} (default pruning), {samples} unlabelled inputs, "
+          f"{batches}; forward = one pass of the original over the same inputs")
     for name in models:
-        child = subprocess.run([sys.executable, __file__, "--reconstruct-pass", name, str(samples), str(sparsity)],
-                               capture_output=True, text=True)
+        child = subprocess.run([sys.executable, __file__, "--reconstruct-pass", name, str(samples), str(sparsity),
+                                str(batch_size or 0)], capture_output=True, text=True)
         if child.returncode != 0:
             print(f"  {name:<21} failed: {(child.stderr.strip().splitlines() or ['?'])[-1]}", flush=True)
             continue
@@ -213,19 +215,21 @@ def main_bench(argv=None) -> int:
                         help="rows on which the wide-group benchmark times torch.cdist p=1 (0: skip; 4096: all)")
     parser.add_argument("--only-synthesis", type=int, metavar="N", default=None,
                         help="run only the synthetic-calibration benchmark, with N inputs (issue 28: 1024)")
-    parser.add_argument("--reconstruct-pass", nargs=3, metavar=("MODEL", "SAMPLES", "SPARSITY"), default=None,
+    parser.add_argument("--reconstruct-batch-size", type=int, default=None, metavar="N",
+                        help="the reconstruct benchmark with batch_size=N (default: all inputs in one pass)")
+    parser.add_argument("--reconstruct-pass", nargs=4, metavar=("MODEL", "SAMPLES", "SPARSITY", "BATCH"), default=None,
                         help=argparse.SUPPRESS)  # internal: one timed pass, printed as JSON
     args = parser.parse_args(argv)
     if args.reconstruct_pass:
-        name, samples, sparsity = args.reconstruct_pass
-        print(json.dumps(reconstruct_pass(name, int(samples), float(sparsity))))
+        name, samples, sparsity, batch_size = args.reconstruct_pass
+        print(json.dumps(reconstruct_pass(name, int(samples), float(sparsity), int(batch_size) or None)))
         return 0
     torch.manual_seed(0)
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
 
     if args.only_reconstruct is not None:
-        print_reconstruct(args.only_reconstruct or RECONSTRUCT_MODELS)
+        print_reconstruct(args.only_reconstruct or RECONSTRUCT_MODELS, batch_size=args.reconstruct_batch_size)
         return 0
     if args.only_synthesis:
         print_synthesis(args.only_synthesis)
@@ -246,7 +250,7 @@ def main_bench(argv=None) -> int:
             print(f"  {solver:<9}p={p} n={n:<5}{1000 * total:10.1f} {1000 * solve:10.1f}")
     print_wide_transport(args.cdist_rows)
 
-    print_reconstruct()
+    print_reconstruct(batch_size=args.reconstruct_batch_size)
 
     if not args.skip_job:
         extra = ["--checkpoint", args.checkpoint] if args.checkpoint else []

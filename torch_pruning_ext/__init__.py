@@ -11,7 +11,7 @@ from .importance import CRITERIA, build_importance
 from .methods import METHODS
 from .optimal_transport import OptimalTransport
 from .pruner import GroupResult, IntraFusionPruner, channel_origin
-from .repair import repair_by_reconstruction
+from .reconstruction import repair_by_reconstruction
 from .serialization import load_pruned, register_builder, save_pruned
 from .synthesis import SynthesisReport, synthesize_calibration
 

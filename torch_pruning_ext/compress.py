@@ -22,7 +22,8 @@ from .pruner import IntraFusionPruner, channel_origin, check_sparsity
 from .importance import build_importance, needs_data
 from .inputs import first_line, run_model, shape_text, tensors_of
 from .synthesis import SYNTHETIC_SAMPLES, synthesize_calibration
-from .repair import (DATA_MODES, REPAIR_MODES, batchnorm_sources, fused_row_maps, repair_by_reconstruction, repair_variance, repair_with_data,
+from .reconstruction import check_reconstruct_options, fused_row_maps, repair_by_reconstruction
+from .repair import (DATA_MODES, REPAIR_MODES, batchnorm_sources, repair_variance, repair_with_data,
                      repair_without_data)
 
 CALIBRATION_SAMPLES = 1024  # unlabelled inputs the data repairs use by default
@@ -157,6 +158,7 @@ def compress(model: nn.Module, example_inputs: torch.Tensor, sparsity: float = 0
              calibration=None, *, repair: str | None = None, importance="l1", schedule: str = "uniform",
              max_layer_sparsity: float | None = None, fold_bn: str = "exact", ignored_layers=None,
              prune_output_layers: bool = False, calibration_samples: int | None = None,
+             batch_size: int | None = None, memory_budget: int | None = None,
              inplace: bool = False, progress=None) -> tuple[nn.Module, CompressionSummary]:
     """Prune every group of `model` at `sparsity` (fraction of channels removed per group, or overall
     with schedule="global") with `method` (default / intra_fusion / intra_fusion_fp / fold), then
@@ -173,6 +175,9 @@ def compress(model: nn.Module, example_inputs: torch.Tensor, sparsity: float = 0
     never returned. calibration="synthetic" uses no data: calibration_samples (default 256) inputs
     are synthesised from the model's BatchNorm statistics (synthesize_calibration; summary.synthesis
     says how); real calibration uses up to calibration_samples (default 1024) inputs.
+    The reconstruction runs all calibration inputs in one pass, or batch_size at a time (less
+    activation memory, more passes); a layer whose Gram matrices would exceed memory_budget bytes
+    gets the cheaper input-space fit.
     Returns (compressed model, summary); the model is a copy unless inplace=True.
     """
     check_method(method)
@@ -180,6 +185,7 @@ def compress(model: nn.Module, example_inputs: torch.Tensor, sparsity: float = 0
     max_layer_sparsity = check_schedule(schedule, max_layer_sparsity)
     if repair is not None:
         check_choice(repair, REPAIR_MODES, "repair")
+    check_reconstruct_options(batch_size, memory_budget)
     _check_inputs(model, example_inputs, "example_inputs")
     synthesis = None
     if isinstance(calibration, str):
@@ -216,7 +222,8 @@ def compress(model: nn.Module, example_inputs: torch.Tensor, sparsity: float = 0
     bn_of, after_relu = batchnorm_sources(pruner.folded)
     if repair == "reconstruct":
         report = repair_by_reconstruction(folded, target, channel_origin(results), images,
-                                          row_maps=fused_row_maps(folded, results))
+                                          row_maps=fused_row_maps(folded, results), batch_size=batch_size,
+                                          memory_budget=memory_budget)
     elif repair in ("data", "data_downstream"):
         changed = sorted({name for r in results for name in r.producers + r.consumers})
         outputs = {pruner.names[layer] for layer in output_layers(pruner.graph)}

@@ -26,8 +26,9 @@ from ..optimal_transport import OptimalTransport
 from ..bn_folding import fold_batchnorms
 from ..pruner import IntraFusionPruner, channel_origin
 from ..compress import check_schedule
-from ..repair import (DATA_MODES, batchnorm_sources, check_mode as check_repair, fused_row_maps, layer_statistics,
-                     repair_by_reconstruction, repair_variance, repair_with_data, repair_without_data)
+from ..reconstruction import fused_row_maps, repair_by_reconstruction
+from ..repair import (DATA_MODES, batchnorm_sources, check_mode as check_repair, layer_statistics,
+                      repair_variance, repair_with_data, repair_without_data)
 from ..serialization import save_pruned
 from .staged import PrefixCache, first_stage, has_stages, run_stages
 from .training import train

@@ -1,0 +1,151 @@
+"""The scalable reconstruction: patch rows, the cost and memory bounds, the streamed second phase."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from torch_pruning_ext import IntraFusionPruner, compress, fold_batchnorms, repair_by_reconstruction
+from torch_pruning_ext.patches import output_rows, patch_rows, rows_to_weight, samples_of, weight_rows
+
+LAYERS = [
+    nn.Conv2d(5, 7, 3, padding=1),
+    nn.Conv2d(5, 7, (3, 2), stride=(2, 1), padding=(1, 0), dilation=(1, 2)),
+    nn.Conv2d(5, 7, 4, padding="same"),
+    nn.Conv2d(5, 7, 3, padding=2, padding_mode="reflect"),
+    nn.Conv2d(5, 7, 3, padding=1, padding_mode="circular"),
+    nn.Conv2d(5, 7, (9, 1), stride=(4, 1), padding=(4, 0)),
+    nn.Conv1d(5, 7, 5, stride=2, padding=2),
+]
+
+
+@pytest.mark.parametrize("layer", LAYERS, ids=lambda layer: repr(layer))
+def test_patch_rows_times_weight_rows_is_the_layer(layer):
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 11) if isinstance(layer, nn.Conv1d) else torch.randn(3, 5, 11, 12)
+    expected = layer(x) - layer.bias.view(1, -1, *([1] * (x.dim() - 2)))
+    expected = expected.movedim(1, -1).reshape(-1, 7)
+    with torch.no_grad():
+        rows = patch_rows(layer, x)
+        assert torch.allclose(rows @ weight_rows(layer, layer.weight).t(), expected, atol=1e-5)
+        assert torch.allclose(output_rows(layer, x, layer.weight), expected, atol=1e-5)
+        assert torch.equal(rows_to_weight(layer, weight_rows(layer, layer.weight)), layer.weight)
+        # a channels-last input gives the same rows
+        if x.dim() == 4:
+            assert torch.equal(patch_rows(layer, x.contiguous(memory_format=torch.channels_last)), rows)
+
+
+def test_linear_rows_are_tokens():
+    layer, x = nn.Linear(6, 4), torch.randn(2, 5, 6)
+    with torch.no_grad():
+        assert samples_of(layer, x).shape == (2, 5, 6)
+        assert torch.allclose(patch_rows(layer, x) @ weight_rows(layer, layer.weight).t() + layer.bias,
+                              layer(x).reshape(-1, 4), atol=1e-6)
+
+
+class Audio(nn.Module):
+    """A small CREPE-like stack: a long first kernel, then (16, 1) kernels; BN after the ReLU."""
+
+    def __init__(self, widths=(32, 16, 16)):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, widths[0], (64, 1), stride=(4, 1), padding=(30, 0))
+        self.conv2 = nn.Conv2d(widths[0], widths[1], (16, 1), padding=(8, 0))
+        self.conv3 = nn.Conv2d(widths[1], widths[2], (16, 1), padding=(8, 0))
+        self.bns = nn.ModuleList(nn.BatchNorm2d(w) for w in widths)
+        self.head = nn.Linear(widths[2] * 8, 10)
+
+    def forward(self, x):
+        x = x.view(-1, 1, 256, 1)
+        for conv, bn in zip((self.conv1, self.conv2, self.conv3), self.bns):
+            x = F.max_pool2d(bn(F.relu(conv(x))), (2, 1))
+        return self.head(x.flatten(1))
+
+
+def _pruned_pair(model, x, sparsity=0.5):
+    model.eval()
+    for bn in model.modules():
+        if isinstance(bn, nn.BatchNorm2d):
+            bn.running_mean.uniform_(0, 1)
+            bn.running_var.uniform_(0.5, 2)
+    fold_batchnorms(model, x[:1], "reference")
+    pruned = copy.deepcopy(model)
+    pruner = IntraFusionPruner(pruned, x[:1], fold_bn=None)
+    pruner.prune("all", sparsity)
+    return model, pruned, pruner.channel_origin
+
+
+def _error(original, pruned, x):
+    with torch.no_grad():
+        return float((pruned(x) - original(x)).pow(2).mean() / original(x).pow(2).mean())
+
+
+def test_streamed_second_phase_keeps_an_unpruned_model_and_reads_every_sample():
+    torch.manual_seed(0)
+    model = Audio().eval()
+    fold_batchnorms(model, torch.randn(1, 256), "reference")
+    copied, x = copy.deepcopy(model), torch.randn(96, 256)
+    report = repair_by_reconstruction(model, copied, {}, x, batch_size=20, cost=float("inf"))
+    assert all(entry["mode"] == "output" and entry["explained"] > 0.999 for entry in report.values())
+    # the head (one position per sample) wants more samples than one batch: it read all 96, streamed
+    assert report["head"]["samples"] == 96
+    assert torch.allclose(copied(x), model(x), atol=1e-4, rtol=1e-4)
+
+
+def test_two_phases_reconstruct_about_as_well_as_one_pass():
+    torch.manual_seed(1)
+    x = torch.randn(160, 256)
+    original, pruned, origin = _pruned_pair(Audio(), x)
+    held_out = torch.randn(64, 256)
+    before = _error(original, pruned, held_out)
+    errors = {}
+    for batch_size in (160, 40):
+        refit = copy.deepcopy(pruned)
+        repair_by_reconstruction(original, refit, origin, x, batch_size=batch_size, cost=float("inf"))
+        errors[batch_size] = _error(original, refit, held_out)
+    assert errors[160] < 0.5 * before
+    assert errors[40] < 1.25 * errors[160]
+
+
+def test_a_layer_over_the_cost_or_memory_allowance_gets_the_input_space_map():
+    torch.manual_seed(2)
+    x = torch.randn(64, 256)
+    original, pruned, origin = _pruned_pair(Audio(widths=(256, 16, 16)), x)
+    report = repair_by_reconstruction(original, copy.deepcopy(pruned), origin, x, memory_budget=2 ** 20)
+    # conv2 reads 128 channels x 16 taps = 2049 features: 3 x 2049^2 float64 is over 1 MiB, and
+    # solving it (2049^3 / 3 multiply-adds) is over the allowance any small cost leaves
+    assert report["conv2"]["mode"] == "input" and "memory_budget" in report["conv2"]["why"]
+    assert report["conv1"]["mode"] == "output"
+    cheap = repair_by_reconstruction(original, copy.deepcopy(pruned), origin, x, cost=1e-9)
+    assert cheap["conv2"]["mode"] == "input" and "cost" in cheap["conv2"]["why"]
+    full = repair_by_reconstruction(original, copy.deepcopy(pruned), origin, x, cost=float("inf"))
+    assert all(entry["mode"] == "output" for entry in full.values())
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"batch_size": 0}, "batch_size must be a positive integer"),
+    ({"batch_size": 2.5}, "batch_size must be a positive integer"),
+    ({"memory_budget": -1}, "memory_budget must be a positive number"),
+    ({"cost": 0}, "cost must be a positive number"),
+])
+def test_bad_options_are_refused_in_one_line(options, message):
+    model = Audio().eval()
+    with pytest.raises(ValueError, match=message):
+        repair_by_reconstruction(model, copy.deepcopy(model), {}, torch.randn(4, 256), **options)
+
+
+def test_compress_refuses_a_bad_batch_size_before_any_work():
+    model = Audio().eval()
+    calls = []
+    with pytest.raises(ValueError, match="batch_size"):
+        compress(model, torch.randn(2, 256), calibration=torch.randn(8, 256), batch_size=-3,
+                 progress=lambda *a: calls.append(a))
+    assert not calls
+
+
+def test_compress_passes_the_batch_size_to_the_reconstruction():
+    torch.manual_seed(3)
+    model = Audio().eval()
+    calibration = torch.randn(48, 256)
+    _, summary = compress(model, torch.randn(2, 256), 0.5, "default", calibration, batch_size=16)
+    assert summary.repaired_layers["head"]["samples"] == 48

@@ -1,0 +1,550 @@
+"""Reconstruction after pruning: every Conv/Linear layer refitted by least squares so that, from the
+pruned model's own inputs, it reproduces what the original layer outputs for the channels it keeps.
+
+Layers are refitted in run order, each before it runs, so that its corrected output feeds the next
+(fitting later layers in parallel on uncorrected inputs, and refining, measured 0.7-1.7 points worse on
+VGG11-BN). Its cost is bounded by design: each layer's fit accumulates Gram matrices (float64 sums
+over chunks) of at most RECONSTRUCT_POSITIONS_PER_FEATURE positions per weight column, and may cost
+`cost` times its share of one forward pass; a layer whose output-space fit would cost more, or whose
+Gram matrices exceed `memory_budget`, gets the cheaper input-space channel map (reported with why).
+Memory: by default all calibration samples run through both models in one pass, so activation memory
+grows with their number. With a `batch_size`, one pass over a random `batch_size` of them refits the
+layers in order until one wants more samples than that (deep layers, few positions per sample); each
+remaining layer then gets its own streamed pass over the samples it reads, `batch_size` at a time,
+through the already corrected layers before it: memory set by the batch, time by the passes.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+
+import torch
+import torch.nn as nn
+
+from .checks import check_choice
+from .groups import ROOT_TYPES, out_channels
+from .modes import as_fast_input, eval_mode, fast_layout
+from .patches import (PATCH_TYPES, output_rows, patch_rows, positions_per_sample, rows_to_weight, samples_of,
+                      weight_rows)
+
+RECONSTRUCT_RIDGE = 1e-3  # ridge lambda, relative to the mean diagonal of the pruned input's Gram matrix
+RECONSTRUCT_SPACES = ("output", "input")
+RECONSTRUCT_POSITIONS = 2 ** 18  # at most this many output positions per layer for the output-space fit
+RECONSTRUCT_POSITIONS_PER_FEATURE = 32  # and at most this many per feature (weight column) of the layer
+RECONSTRUCT_MIN_POSITIONS = 4  # per feature: with fewer, the layer falls back to the input-space map
+RECONSTRUCT_MIN_SAMPLES = 256  # the positions are drawn from at least this many samples (or all): positions
+#                                within one sample are correlated
+RECONSTRUCT_COST = 1.0  # a layer's output-space fit may cost this many times (its own multiply-adds on the
+#                         calibration set + an even share of the whole model's)
+_FREE_MACS = 2 ** 30  # an allowance of at least this (about 15 ms on two cores): small fits always fit
+_GRAM_CHUNK_BYTES = 64 * 2 ** 20  # layer inputs (or patches) per accumulation step
+_GRAM_BLOCK = 512  # rows per block of the Gram matrix: only blocks on and below the diagonal are computed
+
+
+class _Stop(Exception):
+    """Ends a forward pass early (every layer refitted, or the other side failed)."""
+
+
+def _solve(gram: torch.Tensor, cross: torch.Tensor, ridge: float, intercept: bool) -> torch.Tensor:
+    """argmin_S |target - A^T S|^2 + lambda |S|^2 from the Gram matrices G = A A^T and
+    cross = A target (the intercept row is not penalised); lambda is `ridge` times the mean
+    diagonal of G."""
+    size = gram.shape[0] - int(intercept)
+    scale = gram.diagonal()[:size].mean().clamp_min(1e-12) if size else gram.new_tensor(1.0)
+    penalty = torch.full((gram.shape[0],), ridge * float(scale), dtype=gram.dtype, device=gram.device)
+    if intercept:
+        penalty[-1] = 1e-12 * float(scale)
+    system = gram + torch.diag(penalty)
+    factor, info = torch.linalg.cholesky_ex(system)  # symmetric positive definite: half the work of LU
+    if int(info) == 0:
+        return torch.cholesky_solve(cross, factor)
+    # singular even with the ridge (e.g. ridge=0 and dead channels)
+    return torch.linalg.lstsq(system.cpu(), cross.cpu()).solution.to(gram.device)
+
+
+def _add_lower_gram(gram: torch.Tensor, rows: torch.Tensor) -> None:
+    """gram += rows^T rows (float64), computing only the blocks on and below the diagonal (the product's
+    cost nearly halves for wide layers; _mirror_lower fills the rest once at the end)."""
+    for start in range(0, rows.shape[1], _GRAM_BLOCK):
+        end = min(start + _GRAM_BLOCK, rows.shape[1])
+        gram[start:end, :end] += (rows[:, start:end].t() @ rows[:, :end]).double()
+
+
+def _mirror_lower(gram: torch.Tensor) -> torch.Tensor:
+    """The symmetric matrix whose lower triangle (diagonal included) is gram's."""
+    lower = gram.tril()
+    return lower + lower.tril(-1).t()
+
+
+def _squares(x: torch.Tensor) -> float:
+    """Sum of squares, accumulated per column in the tensor's precision and across columns in float64."""
+    return float((x * x).sum(0).double().sum())
+
+
+def _original_rows(original: nn.Module, selection: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 (weight, bias) of the original layer's output channels the pruned layer stands for:
+    `selection` is an index per kept channel, or a k x n map mixing the original rows (fused rows)."""
+    weight = original.weight.detach().double()
+    bias = original.bias.detach().double() if original.bias is not None else \
+        torch.zeros(weight.shape[0], dtype=torch.float64, device=weight.device)
+    if selection.is_floating_point():
+        mix = selection.double().to(weight.device)
+        return torch.einsum("kn,n...->k...", mix, weight), mix @ bias
+    return weight[selection], bias[selection]
+
+
+@torch.no_grad()
+def _set_parameters(layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor) -> None:
+    layer.weight.copy_(weight.to(layer.weight.dtype))
+    if layer.bias is None:
+        layer.bias = nn.Parameter(bias.to(layer.weight.dtype))
+    else:
+        layer.bias.copy_(bias.to(layer.bias.dtype))
+
+
+def _channel_rows(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+    """(channels, positions) view of a layer input: every spatial position of every image is a sample."""
+    if isinstance(layer, nn.Linear):
+        return x.reshape(-1, x.shape[-1]).t()
+    return x.transpose(0, 1).reshape(x.shape[1], -1)
+
+
+def _steps(x: torch.Tensor, bytes_per_sample: int) -> list[slice]:
+    step = max(1, _GRAM_CHUNK_BYTES // max(1, bytes_per_sample))
+    return [slice(i, i + step) for i in range(0, len(x), step)]
+
+
+class _InputFit:
+    """Input space: new weight = original rows of the kept outputs with the input map M applied, M the
+    ridge least-squares map from the pruned input's channels to the original input's."""
+
+    def __init__(self, layer: nn.Module, original: nn.Module, origin: torch.Tensor, pruned_in: torch.Tensor,
+                 original_in: torch.Tensor, ridge: float, intercept: bool, why: str = ""):
+        self.layer, self.original, self.origin, self.ridge, self.intercept, self.why = \
+            layer, original, origin, ridge, intercept, why
+        channel_dim = -1 if isinstance(layer, nn.Linear) else 1
+        self.k, n = pruned_in.shape[channel_dim], original_in.shape[channel_dim]
+        dim = self.k + int(intercept)
+        self.gram = torch.zeros(dim, dim, dtype=torch.float64, device=pruned_in.device)
+        self.cross = torch.zeros(dim, n, dtype=torch.float64, device=pruned_in.device)
+        self.total, self.samples = 0.0, 0
+
+    def add(self, pruned_in: torch.Tensor, original_in: torch.Tensor, first: int) -> None:
+        per_sample = (self.k + self.cross.shape[1]) * 8 * (pruned_in[0].numel() // max(1, self.k))
+        for part in _steps(pruned_in, per_sample):
+            a, b = _channel_rows(pruned_in[part], self.layer).double(), _channel_rows(original_in[part], self.layer).double()
+            if self.intercept:
+                a = torch.cat([a, a.new_ones(1, a.shape[1])])
+            self.gram += a @ a.t()
+            self.cross += a @ b.t()
+            self.total += float((b ** 2).sum())
+        self.samples += len(pruned_in)
+
+    def apply(self) -> dict:
+        gram, cross, k = self.gram, self.cross, self.k
+        mix = _solve(gram, cross, self.ridge, self.intercept)  # dim x n
+        # fraction of the original input's energy the map reproduces: 1 - |X - M^T X'|^2 / |X|^2
+        residual = self.total - 2 * float((mix * cross).sum()) + float((mix * (gram @ mix)).sum())
+        weight, bias = _original_rows(self.original, self.origin)  # out x n x ...
+        new_weight = torch.einsum("on...,kn->ok...", weight, mix[:k])
+        if self.intercept:
+            bias = bias + (weight.flatten(2).sum(2) @ mix[k] if weight.dim() > 2 else weight @ mix[k])
+        _set_parameters(self.layer, new_weight, bias)
+        return {"mode": "input", "explained": 1.0 - residual / self.total if self.total > 0 else 1.0,
+                "samples": self.samples, **({"why": self.why} if self.why else {})}
+
+
+class _OutputFit:
+    """Output space: the weight W' (and bias) minimising |U' W'^T + b - U W^T|^2 + lambda |W' - W0|^2,
+    U and U' the patches (one row per output position) the layer reads in the original and the pruned
+    model, at every position of the chosen samples; W the original rows of the kept outputs (or their
+    fused mix), W0 the layer's weight as pruning and fusion left it. The ridge pulls towards W0, not
+    towards zero, and the fit is solved for the change W' - W0 from residuals, so a layer whose inputs
+    did not change keeps its weights exactly. U W^T is one convolution of the original input (its
+    patches are never formed)."""
+
+    def __init__(self, layer: nn.Module, original: nn.Module, rows: torch.Tensor, pruned_in: torch.Tensor,
+                 ridge: float, intercept: bool, chosen: torch.Tensor | None, keep: float, generator):
+        self.layer, self.ridge, self.intercept = layer, ridge, intercept
+        self.keep, self.generator = keep, generator  # fraction of positions kept (an even random draw)
+        self.chosen = chosen  # sorted indices of the samples of the stream it reads, or None: all
+        self.weight, self.bias = _original_rows(original, rows)
+        self.current = weight_rows(layer, layer.weight.detach()).clone()  # W0, kept while the layer changes
+        self.size = self.current.shape[1]
+        dim = self.size + int(intercept)
+        self.gram = torch.zeros(dim, dim, dtype=torch.float64, device=self.current.device)
+        self.cross = torch.zeros(dim, len(self.weight), dtype=torch.float64, device=self.current.device)
+        self.per_sample = 4 * positions_per_sample(layer, pruned_in) * (dim + 2 * len(self.weight))
+        self.total = self.before = 0.0
+        self.offset, self.samples = None, 0
+
+    def add(self, pruned_in: torch.Tensor, original_in: torch.Tensor, first: int) -> None:
+        """Accumulate the samples of this chunk (stream positions first, first + 1, ...) it chose."""
+        pruned_in, original_in = samples_of(self.layer, pruned_in), samples_of(self.layer, original_in)
+        if self.chosen is None:
+            picked = None
+        else:
+            inside = self.chosen[(self.chosen >= first) & (self.chosen < first + len(pruned_in))] - first
+            if not len(inside):
+                return
+            picked = inside.to(pruned_in.device)
+            pruned_in, original_in = pruned_in[picked], original_in[picked]
+        target_weight = self.weight.to(original_in.dtype)
+        for part in _steps(pruned_in, self.per_sample):
+            a = patch_rows(self.layer, pruned_in[part])  # positions x features
+            target = output_rows(self.layer, original_in[part], target_weight)  # positions x outputs
+            if self.keep < 1:
+                picked = torch.randperm(len(a), generator=self.generator)[:max(1, round(self.keep * len(a)))]
+                picked = picked.to(a.device)
+                a, target = a[picked], target[picked]
+            # products in the layer's precision over one chunk, sums over chunks in float64; the
+            # intercept is a constant extra input (its rows of the Gram matrices are sums)
+            residual = target - a @ self.current.t()
+            if self.intercept:
+                # with an intercept, inputs may be measured from any offset: from their mean in the first
+                # chunk, the float32 products keep their precision where inputs sit far from zero (e.g.
+                # after a ReLU and a BatchNorm shift), the solution no longer depends on how the products
+                # are split across threads, and the ridge scales with the inputs' spread, not their offset
+                self.offset = a.mean(0) if self.offset is None else self.offset
+                a = a - self.offset
+            size = self.size
+            _add_lower_gram(self.gram[:size, :size], a)
+            self.cross[:size] += (a.t() @ residual).double()
+            if self.intercept:
+                self.gram[size, :size] += a.sum(0).double()
+                self.gram[size, size] += a.shape[0]
+                self.cross[size] += residual.sum(0).double()
+            self.total += _squares(target)
+            self.before += _squares(residual)
+        self.samples += len(pruned_in)
+
+    def apply(self) -> dict:
+        size, bias = self.size, self.bias
+        gram, cross = _mirror_lower(self.gram), self.cross
+        change = _solve(gram, cross, self.ridge, self.intercept)  # dim x out
+        after = self.before - 2 * float((change * cross).sum()) + float((change * (gram @ change)).sum())
+        if self.intercept:  # the intercept was fitted for inputs measured from the offset
+            bias = bias + change[-1] - change[:size].t() @ self.offset.double()
+        new_weight = self.current.double() + change[:size].t()
+        _set_parameters(self.layer, rows_to_weight(self.layer, new_weight), bias)
+        return {"mode": "output", "explained": 1.0 - after / self.total if self.total > 0 else 1.0,
+                "samples": self.samples}
+
+
+class _DepthwiseFit:
+    """Depthwise conv: each channel reads only itself, so each gets its own scale (and shift)."""
+
+    def __init__(self, layer: nn.Module, original: nn.Module, origin: torch.Tensor, pruned_in: torch.Tensor,
+                 ridge: float, intercept: bool):
+        self.layer, self.original, self.origin, self.ridge, self.intercept = layer, original, origin, ridge, intercept
+        # sum a^2, sum a, sum a*b, sum b, sum b^2 per channel
+        self.stats = torch.zeros(5, pruned_in.shape[1], dtype=torch.float64, device=pruned_in.device)
+        self.count = self.samples = 0
+
+    def add(self, pruned_in: torch.Tensor, original_in: torch.Tensor, first: int) -> None:
+        for a, b in zip(pruned_in.split(64), original_in.split(64)):
+            a, b = _channel_rows(a, self.layer).double(), _channel_rows(b, self.layer).double()[self.origin]
+            self.stats += torch.stack([(a * a).sum(1), a.sum(1), (a * b).sum(1), b.sum(1), (b * b).sum(1)])
+            self.count += a.shape[1]
+        self.samples += len(pruned_in)
+
+    def apply(self) -> dict:
+        saa, sa, sab, sb, sbb = self.stats
+        count = self.count
+        lam = self.ridge * saa.mean().clamp_min(1e-12)
+        # ridge towards scale 1 (the original rows), as in _solve
+        if self.intercept:  # solve [[saa + lam, sa], [sa, count]] [s, c] = [sab + lam, sb] per channel
+            det = (saa + lam) * count - sa ** 2
+            scale = torch.where(det > 0, ((sab + lam) * count - sa * sb) / det.clamp_min(1e-300), torch.ones_like(saa))
+            shift = (sb - scale * sa) / count
+        else:
+            scale, shift = (sab + lam) / (saa + lam), torch.zeros_like(saa)
+        residual = sbb - 2 * (scale * sab + shift * sb) + scale ** 2 * saa + 2 * scale * shift * sa + shift ** 2 * count
+        weight, bias = _original_rows(self.original, self.origin)
+        bias = bias + weight.flatten(1).sum(1) * shift
+        _set_parameters(self.layer, weight * scale.view((-1,) + (1,) * (weight.dim() - 1)), bias)
+        return {"mode": "per_channel", "samples": self.samples,
+                "explained": 1.0 - float(residual.sum() / sbb.sum()) if float(sbb.sum()) > 0 else 1.0}
+
+
+def _is_depthwise(layer: nn.Module) -> bool:
+    return isinstance(layer, nn.modules.conv._ConvNd) and layer.groups > 1 and \
+        layer.groups == layer.in_channels == layer.out_channels
+
+
+def fused_row_maps(original: nn.Module, results) -> dict[str, torch.Tensor]:
+    """For each producer of a fused group: the k x n map that made its kept rows from its original
+    rows (given to repair_by_reconstruction, the refit then aims at the fused channels instead of the
+    original channels that were kept). Layers pruned more than once are left out."""
+    modules, maps = dict(original.named_modules()), {}
+    for result in results:
+        if result.producer_map is None:
+            continue
+        for name in result.producers:
+            if name in modules and out_channels(modules[name]) == result.channels:
+                maps[name] = result.producer_map
+    return maps
+
+
+def _output_fit_samples(layer: nn.Module, per_sample: int, count: int, allowance: float,
+                        memory_budget: int | None) -> tuple[int, float, str]:
+    """How many of `count` samples (of `per_sample` output positions each) the output-space fit of
+    `layer` reads and the fraction of their positions it keeps, chosen so that its cost is bounded by
+    design: building the Gram matrix (features^2 multiply-adds per position) and solving it may take at
+    most `allowance` multiply-adds, and its matrices must fit in `memory_budget` bytes. Returns
+    (0, 0, why) when that leaves fewer than RECONSTRUCT_MIN_POSITIONS positions per feature: the layer
+    then gets the input-space channel map instead (its features are channels, not channels x kernel)."""
+    size = layer.weight[0].numel() + 1
+    total = count * per_sample
+    gram_bytes = 3 * size * size * 8  # the Gram matrix, the regularised system and its factor, float64
+    if memory_budget is not None and gram_bytes > memory_budget:
+        return 0, 0.0, f"its {size}^2 Gram matrices ({gram_bytes / 2 ** 20:.0f} MiB) exceed memory_budget"
+    positions = int(min(total, RECONSTRUCT_POSITIONS, RECONSTRUCT_POSITIONS_PER_FEATURE * size,
+                        (allowance - size ** 3 / 3) / size ** 2))
+    if positions < min(total, RECONSTRUCT_MIN_POSITIONS * size):
+        return 0, 0.0, f"an output-space fit over {size} features exceeds the cost allowance"
+    samples = min(count, max(-(-positions // per_sample), RECONSTRUCT_MIN_SAMPLES))
+    return samples, min(1.0, positions / (samples * per_sample)), ""
+
+
+def check_reconstruct_options(batch_size=None, memory_budget=None, cost: float = RECONSTRUCT_COST) -> None:
+    """One-line errors for options the reconstruction cannot use (before any work)."""
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"batch_size must be a positive integer (samples per forward pass) or None, got {batch_size!r}")
+    if memory_budget is not None and (isinstance(memory_budget, bool) or not isinstance(memory_budget, (int, float))
+                                      or memory_budget <= 0):
+        raise ValueError(f"memory_budget must be a positive number of bytes or None, got {memory_budget!r}")
+    if isinstance(cost, bool) or not isinstance(cost, (int, float)) or not cost > 0:
+        raise ValueError(f"cost must be a positive number (float('inf'): no limit), got {cost!r}")
+
+
+def _chosen(count: int, samples: int, generator) -> torch.Tensor | None:
+    """A sorted random choice of `samples` of `count` stream positions (None: all of them)."""
+    return None if samples >= count else torch.randperm(count, generator=generator)[:samples].sort().values
+
+
+class _Layout:
+    """What one sample's run of the original tells about the layers: their run order (layers that never
+    run are left out), the multiply-adds each computes per sample and its output positions per sample."""
+
+    def __init__(self, model: nn.Module, names: list[str], example: torch.Tensor):
+        modules = dict(model.named_modules())
+        self.order: list[str] = []
+        self.macs: dict[str, int] = {}
+        self.positions: dict[str, int] = {}
+        handles = [modules[name].register_forward_pre_hook(self._enter(name), with_kwargs=True) for name in names] + \
+            [modules[name].register_forward_hook(self._leave(name)) for name in names]
+        try:
+            model(example)
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _enter(self, name):
+        def hook(layer, args, kwargs):
+            if name not in self.order:
+                self.order.append(name)
+                if isinstance(layer, PATCH_TYPES):
+                    self.positions[name] = positions_per_sample(layer, args[0] if args else next(iter(kwargs.values())))
+        return hook
+
+    def _leave(self, name):
+        def hook(layer, _, output):
+            if name not in self.macs and isinstance(output, torch.Tensor):
+                self.macs[name] = output.numel() // len(output) * layer.weight[0].numel()
+        return hook
+
+
+class _OriginalSide:
+    """Runs the original model in a thread and hands over each named layer's input, one at a time:
+    the thread waits until the pruned side has used an input, so nothing is copied or held twice."""
+
+    def __init__(self, model: nn.Module, names: list[str], inputs: torch.Tensor):
+        self.handoff, self.resume = queue.Queue(maxsize=1), queue.Queue()
+        self.stopped, self.error = False, None
+        modules = dict(model.named_modules())
+        self.handles = [modules[name].register_forward_pre_hook(self._offer(name), with_kwargs=True)
+                        for name in names]
+        self.thread = threading.Thread(target=self._run, args=(model, inputs), daemon=True)
+        self.offered: set[str] = set()
+
+    def _offer(self, name):
+        def offer(_, args, kwargs):
+            if name in self.offered:
+                return None
+            self.offered.add(name)
+            self.handoff.put((name, args[0] if args else next(iter(kwargs.values()))))
+            self.resume.get()
+            if self.stopped:
+                raise _Stop
+            return None
+        return offer
+
+    def _run(self, model, inputs):
+        try:
+            with torch.no_grad():
+                model(inputs)
+        except _Stop:
+            pass
+        except BaseException as error:  # noqa: BLE001 - handed to the caller's thread
+            self.error = error
+        finally:
+            self.handoff.put((None, None))
+
+    def take(self, name: str) -> torch.Tensor:
+        got, tensor = self.handoff.get()
+        if got is None:
+            raise RuntimeError(f"the original model stopped before layer {name}"
+                               + (f": {self.error}" if self.error else ""))
+        if got != name:
+            raise RuntimeError(f"layer order differs between the models: original ran {got}, pruned ran {name}")
+        return tensor
+
+    def release(self) -> None:
+        self.resume.put(True)
+
+    def close(self) -> None:
+        self.stopped = True
+        while self.thread.is_alive():
+            self.resume.put(True)
+            try:
+                self.handoff.get(timeout=0.05)
+            except queue.Empty:
+                pass
+            self.thread.join(timeout=0.05)
+        for handle in self.handles:
+            handle.remove()
+
+
+def _paired_pass(original: nn.Module, pruned: nn.Module, names: list[str], inputs: torch.Tensor, visit) -> None:
+    """Run both models on `inputs`, calling visit(name, layer, pruned_in, original_in) just before each
+    named layer (in run order) of the pruned model runs; ends after the last of them."""
+    side = _OriginalSide(original, names, inputs)
+    pending, layers = set(names), dict(pruned.named_modules())
+
+    def before(name):
+        def hook(layer, args, kwargs):
+            if name not in pending:
+                return None
+            pending.discard(name)
+            original_in = side.take(name)
+            try:
+                visit(name, layer, args[0] if args else next(iter(kwargs.values())), original_in)
+            finally:
+                side.release()
+            if not pending:
+                raise _Stop
+            return None
+        return hook
+
+    handles = [layers[name].register_forward_pre_hook(before(name), with_kwargs=True) for name in names]
+    side.thread.start()
+    try:
+        pruned(inputs)
+    except _Stop:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+        side.close()
+
+
+@torch.no_grad()
+def repair_by_reconstruction(original: nn.Module, pruned: nn.Module, channel_origin: dict[str, torch.Tensor],
+                             inputs: torch.Tensor, ridge: float = RECONSTRUCT_RIDGE, intercept: bool = True,
+                             space: str = "output", skip=(), seed: int = 0,
+                             row_maps: dict[str, torch.Tensor] | None = None, cost: float = RECONSTRUCT_COST,
+                             memory_budget: int | None = None, batch_size: int | None = None) -> dict[str, dict]:
+    """Refit every Conv/Linear layer of `pruned` (in place) so that, from the pruned model's own inputs,
+    it reproduces what the same layer of `original` outputs for the channels it keeps.
+
+    space="output" (default): the weight W' and bias minimising |W' U' + b - W U|^2 + lambda |W' - W0|^2
+    over sampled output positions, U / U' the patches the layer reads in the original / pruned model,
+    W the original rows of the channels it keeps (`channel_origin`; or, per layer in `row_maps`, a
+    k x n mix of original rows, e.g. fused_row_maps), W0 the layer as pruning left it. space="input":
+    the cheaper channel map M minimising |X - M^T X'|^2 + lambda |M|^2 on the layer inputs, applied to
+    the input side of W (the data-driven counterpart of a transport map); it is also what an output-space
+    layer falls back to when its fit would cost more than `cost` x (its multiply-adds on the inputs + an
+    even share of the model's; float("inf"): never) or its Gram matrices exceed `memory_budget` bytes.
+    Layers are refitted in run order, each before it runs, so its corrected output feeds the next: the
+    original model runs in a thread beside the pruned one and hands over each layer's input. With
+    batch_size=None all inputs go through in one pass; with a batch_size, at most that many samples run
+    at once (see the module docstring: less memory, more passes). Depthwise convolutions get a scale and
+    shift per channel; other grouped convolutions and the layers in `skip` are left as they are.
+    Returns, per layer, how it was refitted, how many samples it read and the fraction of its target's
+    energy the fit explains (and, for a layer that fell back to the input space, why).
+    """
+    check_choice(space, RECONSTRUCT_SPACES, "reconstruction space")
+    check_reconstruct_options(batch_size, memory_budget, cost)
+    generator = torch.Generator().manual_seed(seed)
+    layers = {name: module for name, module in pruned.named_modules() if isinstance(module, ROOT_TYPES)}
+    reference = dict(original.named_modules())
+    names = [name for name in layers if name not in skip and name in reference]
+    inputs = as_fast_input(inputs, inputs.device)  # channels_last: oneDNN's fastest CPU convolutions
+    count = len(inputs)
+    batch = count if batch_size is None else min(batch_size, count)
+    report: dict[str, dict] = {}
+    with eval_mode(original), eval_mode(pruned), fast_layout(original), fast_layout(pruned):
+        layout = _Layout(original, names, inputs[:1])
+        share = sum(layout.macs.values()) / max(1, len(layout.order))
+
+        def plan(name: str, layer: nn.Module) -> tuple[str, int, str]:
+            """(kind, samples of the calibration set, detail): kind "skip", "per_channel", "input" (detail:
+            why, for a fallback) or "output" (detail: the fraction of the samples' positions it keeps)."""
+            if isinstance(layer, nn.modules.conv._ConvNd) and layer.groups > 1:
+                return ("per_channel", batch, "") if _is_depthwise(layer) else ("skip", 0, "")
+            if space == "output" and isinstance(layer, PATCH_TYPES):
+                allowance = max(_FREE_MACS, cost * count * (layout.macs.get(name, 0) + share))
+                samples, keep, why = _output_fit_samples(layer, layout.positions[name], count, allowance,
+                                                         memory_budget)
+                if samples:
+                    return "output", samples, keep
+                return "input", batch, why
+            return "input", batch, ""
+
+        def make(name: str, layer: nn.Module, kind: str, detail, pruned_in, original_in, chosen):
+            origin = channel_origin.get(name, torch.arange(out_channels(layer)))
+            rows = (row_maps or {}).get(name, origin)
+            if kind == "per_channel":
+                return _DepthwiseFit(layer, reference[name], origin, pruned_in, ridge, intercept)
+            if kind == "input":
+                return _InputFit(layer, reference[name], rows, pruned_in, original_in, ridge, intercept, detail)
+            return _OutputFit(layer, reference[name], rows, pruned_in, ridge, intercept, chosen, detail, generator)
+
+        # one pass over `batch` samples (all of them, or a random subset) refits every layer in run order
+        # until one wants more samples than that; the rest are refitted one streamed pass each
+        subset = _chosen(count, batch, generator)
+        first = inputs if subset is None else inputs[subset.to(inputs.device)]
+        deferred: list[str] = []
+
+        def refit_now(name, layer, pruned_in, original_in):
+            kind, samples, detail = plan(name, layer)
+            if kind == "skip":
+                report[name] = {"mode": "skipped (grouped convolution)"}
+                return
+            if samples > len(first):
+                deferred.extend(layout.order[layout.order.index(name):])
+                raise _Stop
+            fit = make(name, layer, kind, detail, pruned_in, original_in, _chosen(len(first), samples, generator))
+            fit.add(pruned_in, original_in, 0)
+            report[name] = fit.apply()
+
+        _paired_pass(original, pruned, layout.order, first, refit_now)
+        for name in deferred:
+            layer = layers[name]
+            kind, samples, detail = plan(name, layer)
+            if kind == "skip":
+                report[name] = {"mode": "skipped (grouped convolution)"}
+                continue
+            fits = []
+
+            def accumulate(_, layer, pruned_in, original_in, name=name, kind=kind, detail=detail, fits=fits):
+                if not fits:
+                    fits.append(make(name, layer, kind, detail, pruned_in, original_in, None))
+                fits[0].add(pruned_in, original_in, 0)
+
+            chosen = _chosen(count, samples, generator)
+            for part in (torch.arange(count) if chosen is None else chosen).split(batch):
+                _paired_pass(original, pruned, [name], inputs[part.to(inputs.device)], accumulate)
+            report[name] = fits[0].apply()
+    return report
