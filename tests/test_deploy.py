@@ -9,6 +9,7 @@ from torch_pruning_ext.export import export_onnx
 from torch_pruning_ext.serialization import NotAPrunedModel, load_pruned, save_pruned
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, groups", [("vgg11_bn", [1, 4, 7]), ("resnet18", [0, 3, 6, 9, 11])])
 def test_save_load_round_trip_is_exact(make_model, tmp_path, name, groups):
     model = make_model(name)
@@ -21,6 +22,7 @@ def test_save_load_round_trip_is_exact(make_model, tmp_path, name, groups):
     IntraFusionPruner(loaded, x[:1]).prune([2], 0.5)  # the copy is a plain model that prunes again
 
 
+@pytest.mark.slow
 def test_other_architectures_load_with_a_builder(tmp_path):
     torch.manual_seed(0)
     build = lambda: torchvision.models.resnet18(num_classes=10)  # noqa: E731
@@ -42,6 +44,7 @@ def test_loading_something_else_is_a_clear_error(tmp_path, make_model):
         load_pruned(tmp_path / "junk.pt")
 
 
+@pytest.mark.slow
 def test_onnx_export_matches_pytorch(make_model, tmp_path):
     model = make_model("resnet18")
     IntraFusionPruner(model, torch.randn(1, 3, 32, 32), fold_bn="exact").prune([0, 4], 0.5, OptimalTransport())

@@ -179,6 +179,7 @@ def _results_of_main(run_main, checkpoints, tiny_data, output):
     assert code == 0, err
 
 
+@pytest.mark.slow
 def test_report_reads_the_json_of_main_like_its_csv(checkpoints, tiny_data, run_main, tmp_path):
     _results_of_main(run_main, checkpoints, tiny_data, tmp_path / "rows.json")
     write_rows(tmp_path / "rows.csv", read_rows(tmp_path / "rows.json"))
@@ -246,6 +247,7 @@ def _noise(rng, source: bytes) -> bytes:
     return bytes(data[:rng.randrange(1, len(data))] if rng.random() < 0.3 else data)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", range(25))
 def test_random_options_end_in_success_or_one_line(case, checkpoints, tiny_data, run_main, tmp_path, monkeypatch):
     """Seeded random option sets, damaged bytes as checkpoint and as existing results file: every run

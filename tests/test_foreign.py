@@ -211,7 +211,7 @@ def test_a_repair_that_produces_non_finite_weights_is_refused(monkeypatch):
 def test_reconstruct_fits_inputs_far_from_zero_as_well_as_centred_ones():
     """Inputs sitting far from zero (a ReLU followed by a BatchNorm shift) once made the float32 Gram
     products cancel: the refit must recover a perturbed layer just as well as for centred inputs."""
-    from torch_pruning_ext.repair import repair_by_reconstruction
+    from torch_pruning_ext.reconstruction import repair_by_reconstruction
     explained = {}
     for offset in (0.0, 300.0):
         torch.manual_seed(3)

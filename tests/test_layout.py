@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn as nn
 
@@ -40,6 +41,7 @@ def test_core_modules_import_nothing_from_the_harness_or_its_dependencies():
                 assert root in LAZY_OPTIONAL and not at_top, where
 
 
+@pytest.mark.slow
 def test_importing_the_library_loads_no_harness_module():
     # torch-pruning may load some of these itself; what matters is what importing this library adds
     code = ("import sys, torch, torch_pruning, ot, numpy, scipy; before = set(sys.modules); import torch_pruning_ext; "

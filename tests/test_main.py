@@ -10,6 +10,7 @@ from torch_pruning_ext.experiments.models import build_model
 from torch_pruning_ext.experiments.results import read_rows
 
 
+@pytest.mark.slow
 def test_cli_end_to_end_writes_csv_and_json(tiny_data, checkpoints, run_main, tmp_path):
     common = ["--checkpoint", checkpoints[("vgg11_bn", 10)], "--data-dir", tiny_data, "--group_idxs", 1, 7,
               "--sparsities", 0.3, 0.7, "--methods", "default", "intra_fusion", "intra_fusion_fp"]
@@ -33,6 +34,7 @@ def test_cli_end_to_end_writes_csv_and_json(tiny_data, checkpoints, run_main, tm
     assert code == 0 and [r["accuracy"] for r in again] == [float(r["accuracy"]) for r in rows]
 
 
+@pytest.mark.slow
 def test_output_merges_with_rows_already_there(tiny_data, checkpoints, run_main, tmp_path):
     out = tmp_path / "rows.csv"
     args = ["--checkpoint", checkpoints[("vgg11_bn", 10)], "--data-dir", tiny_data, "--sparsities", 0.5,
@@ -44,6 +46,7 @@ def test_output_merges_with_rows_already_there(tiny_data, checkpoints, run_main,
     assert sorted((r["group"], r["method"]) for r in rows) == [("", "base"), ("1", "default"), ("2", "default")]
 
 
+@pytest.mark.slow
 def test_taylor_and_chip_are_deterministic(tiny_data, checkpoints, run_main, tmp_path):
     args = ["--checkpoint", checkpoints[("vgg11_bn", 10)], "--data-dir", tiny_data, "--group_idxs", 0,
             "--sparsities", 0.5, "--importance_criteria", "taylor", "chip", "random", "taylor_fm", "thinet",
@@ -141,6 +144,7 @@ def test_bundled_fashion_mnist_layout_and_normalisation():
     assert load_split("fashion-mnist", "test", "/nonexistent", download=False).labels.shape == (10000,)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, groups, criterion", [("vgg11_bn", [0, 3, 7], "l1"), ("resnet18", [0, 5, 11], "l1"),
                                                      ("vgg11_bn", [0, 3, 7], "taylor")])
 def test_prefix_reuse_gives_identical_numbers(tiny_data, name, groups, criterion):
@@ -169,6 +173,7 @@ def test_prefix_reuse_gives_identical_numbers(tiny_data, name, groups, criterion
     assert strip(rows[True]) == strip(rows[False])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["vgg11_bn", "resnet18"])
 def test_prefix_cache_moving_forward_equals_starting_over(make_model, name):
     from torch_pruning_ext.experiments.staged import PrefixCache, run_stages
@@ -180,6 +185,7 @@ def test_prefix_cache_moving_forward_equals_starting_over(make_model, name):
         assert torch.equal(cache.activations(start), run_stages(model, inputs, 0, start, 20)), start
 
 
+@pytest.mark.slow
 def test_run_cells_gives_the_rows_of_run_cell_in_the_order_asked(tiny_data, make_model):
     from torch_pruning_ext.experiments.protocol import Protocol, Settings
     test = load_split("fashion-mnist", "test", tiny_data)
@@ -194,6 +200,7 @@ def test_run_cells_gives_the_rows_of_run_cell_in_the_order_asked(tiny_data, make
     assert [strip(r) for r in rows] == [strip(protocol.run_cell(*cell)) for cell in cells]
 
 
+@pytest.mark.slow
 def test_fast_layout_keeps_outputs_and_restores_the_model(make_model):
     from torch_pruning_ext.experiments.evaluation import fast_layout, predictions
     model = make_model("resnet18")
@@ -218,6 +225,7 @@ def test_fast_layout_keeps_outputs_and_restores_the_model(make_model):
     assert not model.layer1[0].conv1.weight.is_contiguous()
 
 
+@pytest.mark.slow
 def test_save_pruned_from_the_cli(tiny_data, checkpoints, run_main, tmp_path):
     from torch_pruning_ext import load_pruned
     args = ["--checkpoint", checkpoints[("vgg11_bn", 10)], "--data-dir", tiny_data, "--group_idxs", 2,
@@ -230,6 +238,7 @@ def test_save_pruned_from_the_cli(tiny_data, checkpoints, run_main, tmp_path):
     assert model.features[18].out_channels == 256 and model.features[22].in_channels == 256
 
 
+@pytest.mark.slow
 def test_repair_modes_from_the_cli(tiny_data, checkpoints, run_main, tmp_path):
     args = ["--checkpoint", checkpoints[("vgg11_bn", 10)], "--data-dir", tiny_data, "--group_idxs", 1,
             "--sparsities", 0.7, "--methods", "intra_fusion", "--output", tmp_path / "rows.csv",
@@ -266,6 +275,7 @@ def test_repair_modes_from_the_cli(tiny_data, checkpoints, run_main, tmp_path):
     assert code == 2 and "--repair-samples 5000 is more than the 256" in err
 
 
+@pytest.mark.slow
 def test_finetuning_after_pruning(tiny_data, checkpoints, run_main, tmp_path):
     args = ["--checkpoint", checkpoints[("vgg11_bn", 10)], "--data-dir", tiny_data, "--group_idxs", 1,
             "--sparsities", 0.7, "--methods", "default", "--output", tmp_path / "rows.csv",
@@ -284,6 +294,7 @@ def test_finetuning_after_pruning(tiny_data, checkpoints, run_main, tmp_path):
         assert before.shape == after.shape and not torch.allclose(before, after), name
 
 
+@pytest.mark.slow
 def test_gate_criterion_needs_a_gated_checkpoint(tiny_data, checkpoints, run_main, tmp_path):
     args = ["--data-dir", tiny_data, "--group_idxs", 7, "--sparsities", 0.5, "--importance_criteria", "gate"]
     code, _, err = run_main("--checkpoint", checkpoints[("vgg11_bn", 10)], *args)
@@ -295,6 +306,7 @@ def test_gate_criterion_needs_a_gated_checkpoint(tiny_data, checkpoints, run_mai
     assert code == 0 and {r["criterion"] for r in read_rows(tmp_path / "r.csv")} == {"gate"}
 
 
+@pytest.mark.slow
 def test_explicit_defaults_name_the_same_settings(tiny_data, checkpoints, run_main, tmp_path):
     args = ["--checkpoint", checkpoints[("vgg11_bn", 10)], "--data-dir", tiny_data, "--group_idxs", 1,
             "--sparsities", 0.5, "--methods", "default", "--output", tmp_path / "rows.csv"]
@@ -305,6 +317,7 @@ def test_explicit_defaults_name_the_same_settings(tiny_data, checkpoints, run_ma
     assert len(read_rows(tmp_path / "rows.csv")) == 2
 
 
+@pytest.mark.slow
 def test_data_sizes_name_their_rows(tiny_data, checkpoints, run_main, tmp_path):
     args = ["--checkpoint", checkpoints[("vgg11_bn", 10)], "--data-dir", tiny_data, "--group_idxs", 1,
             "--sparsities", 0.5, "--methods", "default", "--importance_criteria", "thinet", "l1",
@@ -320,6 +333,7 @@ def test_data_sizes_name_their_rows(tiny_data, checkpoints, run_main, tmp_path):
     assert code == 2 and "thinet-samples must be a positive integer, got 0" in err
 
 
+@pytest.mark.slow
 def test_a_default_run_traces_the_graph_once_per_cell_plus_one(tiny_data, checkpoints, run_main, monkeypatch):
     import torch_pruning as tp
     traces = []

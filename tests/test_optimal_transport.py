@@ -66,6 +66,7 @@ def test_cluster_centroids_use_k_targets():
     assert (plan[:4] > 0).sum(0).max() == 4
 
 
+@pytest.mark.slow
 def test_sinkhorn_is_close_to_exact_on_a_small_problem():
     torch.manual_seed(0)
     features, kept = torch.randn(16, 8), torch.arange(0, 16, 2)

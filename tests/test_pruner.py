@@ -50,6 +50,7 @@ def _plain_prune(model, example, root_name, pruned):
     graph.get_pruning_group(root, pruner.prune_out_channels, pruned).prune()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("builder", ["vgg11_bn", "resnet18"])
 def test_identity_map_equals_plain_pruning_bitwise(make_model, builder):
     base = make_model(builder)
@@ -74,6 +75,7 @@ def test_identity_map_equals_plain_pruning_bitwise(make_model, builder):
         assert torch.equal(fused_state[key], plain_state[key]), key
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, index", [("vgg11_bn", 2), ("resnet18", 0), ("resnet18", 9), ("resnet18", 4)])
 def test_function_preserving_merges_twins_exactly(make_model, name, index):
     x = torch.randn(4, 3, 32, 32)
@@ -135,6 +137,7 @@ def test_gradients_are_transformed_with_the_weights(make_model):
         assert torch.allclose(layer.weight.grad, layer.weight.detach())
 
 
+@pytest.mark.slow
 def test_global_pruning_removes_the_requested_share(make_model):
     model = make_model("vgg11_bn")
     pruner = IntraFusionPruner(model, torch.randn(1, 3, 32, 32), fold_bn="exact")

@@ -15,6 +15,7 @@ def _folded(make_model, name="vgg11_bn"):
     return model, folded, {p.layer: p.batchnorm for p in pairs}
 
 
+@pytest.mark.slow
 def test_repair_of_an_unpruned_model_changes_nothing(make_model):
     _, folded, _ = _folded(make_model)
     repaired = copy.deepcopy(folded)
@@ -32,6 +33,7 @@ def _pruned(folded, groups=(1, 6), sparsity=0.7):
     return model, pruner, results
 
 
+@pytest.mark.slow
 def test_data_repair_restores_statistics_and_is_deterministic(make_model, tmp_path):
     _, folded, _ = _folded(make_model)
     inputs = torch.randn(96, 3, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -104,6 +106,7 @@ def test_data_repair_handles_keyword_calls_and_layers_that_never_run():
     assert set(layer_statistics(damaged, ["conv", "aux"], inputs)) == {"conv"}
 
 
+@pytest.mark.slow
 def test_downstream_repair_restores_later_layers_and_leaves_earlier_ones(make_model):
     _, folded, _ = _folded(make_model)
     inputs = torch.randn(96, 3, 32, 32, generator=torch.Generator().manual_seed(1))

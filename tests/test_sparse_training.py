@@ -92,6 +92,7 @@ def test_thresholds_zero_small_weights_and_fold_to_a_plain_model():
         sparsity_loss(attached, 0.5, "budget")
 
 
+@pytest.mark.slow
 def test_gate_scores_trained_by_adam_respond_to_lambda_and_skip_weight_decay():
     def mean_gate(lam, adam_lr):
         torch.manual_seed(0)

@@ -23,6 +23,7 @@ def cells(path):
     return sorted(tuple((k, v) for k, v in row.items() if k not in MEASURED) for row in read_rows(path))
 
 
+@pytest.mark.slow
 def test_killed_sweep_resumes_without_redoing_or_duplicating(tiny_data, checkpoints, tmp_path, monkeypatch):
     calls = []
     original = Protocol.run_cell
@@ -49,6 +50,7 @@ def test_killed_sweep_resumes_without_redoing_or_duplicating(tiny_data, checkpoi
     assert {r["group"] for r in rows} == {"", "0", "7", "all"}
 
 
+@pytest.mark.slow
 def test_shards_partition_the_sweep(tiny_data, checkpoints, tmp_path, monkeypatch):
     assert sweep.main(sweep_args(tmp_path / "full", tiny_data, checkpoints)) == 0
     for shard in ("1/2", "2/2"):
@@ -221,6 +223,7 @@ def test_variants_keep_rows_of_different_data_sizes_apart():
     assert footprint_report.structured_points(empty).empty  # a header-only results file gives no points
 
 
+@pytest.mark.slow
 def test_repair_modes_in_one_sweep_equal_separate_sweeps(tiny_data, checkpoints, tmp_path):
     extra = ["--groups", "1", "6", "--methods", "intra_fusion", "--repair-samples", "32"]
     assert sweep.main(sweep_args(tmp_path / "joint", tiny_data, checkpoints, *extra,

@@ -15,6 +15,7 @@ def run(method, tiny_data, checkpoints, out, *extra):
                               "--out-dir", str(out), "--epochs", "0.5", *extra])
 
 
+@pytest.mark.slow
 def test_gate_lambda_sweep_writes_checkpoints_histograms_and_summary(tiny_data, checkpoints, tmp_path):
     # half an epoch is one Adam step of the gate scores: a large gate lr lets it close gates
     assert run("gates", tiny_data, checkpoints, tmp_path, "--lambdas", "1e-5", "1", "--gate-lr", "100") == 0
@@ -34,6 +35,7 @@ def test_gate_lambda_sweep_writes_checkpoints_histograms_and_summary(tiny_data, 
     assert loaded.gates and abs(float(rows[1]["accuracy"]) - 100 * saved["test_accuracy"]) < 1e-6
 
 
+@pytest.mark.slow
 def test_asl_and_magnitude_runs(tiny_data, checkpoints, tmp_path):
     assert run("asl", tiny_data, checkpoints, tmp_path, "--starget", "0.5", "--lv", "10") == 0
     assert run("magnitude", tiny_data, checkpoints, tmp_path, "--sparsities", "0.5", "0.9",

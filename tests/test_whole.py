@@ -17,6 +17,7 @@ def _folded(make_model, name):
     return model
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["vgg11_bn", "resnet18"])
 def test_reconstruct_on_an_unpruned_model_changes_no_output(make_model, name):
     original = _folded(make_model, name)
@@ -139,6 +140,7 @@ def test_global_cap_needs_global_pruning(make_model):
         pruner.prune("all", 0.5, max_group_sparsity=0.6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,method", [("vgg11_bn", "intra_fusion_fp"), ("resnet18", "default"),
                                          ("resnet18", "fold")])
 def test_compress_prunes_the_whole_network_and_reconstruct_brings_outputs_back(make_model, name, method):

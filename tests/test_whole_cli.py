@@ -2,6 +2,7 @@
 import pytest
 
 
+@pytest.mark.slow
 def test_main_prunes_the_whole_network_with_reconstruct_and_fold(tiny_data, checkpoints, run_main, tmp_path):
     from torch_pruning_ext.experiments.results import read_rows
     code, out, err = run_main("--checkpoint", checkpoints[("vgg11_bn", 10)], "--data-dir", tiny_data,

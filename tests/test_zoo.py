@@ -17,6 +17,8 @@ from torch_pruning_ext import IntraFusionPruner, OptimalTransport
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 import zoo  # noqa: E402
 
+pytestmark = pytest.mark.slow  # every model of the zoo, real size
+
 # what may make a group fall back: layers that mix channels (never BatchNorm or a scale parameter)
 ALLOWED_FALLBACKS = ("LayerNorm", "LayerNorm2d", "MultiheadAttention")
 SMALL = ["resnet18", "resnext50_32x4d", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "densenet121",
