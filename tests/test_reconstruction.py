@@ -134,12 +134,15 @@ def test_bad_options_are_refused_in_one_line(options, message):
         repair_by_reconstruction(model, copy.deepcopy(model), {}, torch.randn(4, 256), **options)
 
 
-def test_compress_refuses_a_bad_batch_size_before_any_work():
+@pytest.mark.parametrize("options, message", [({"batch_size": -3}, "batch_size"),
+                                              ({"memory_budget": 0}, "memory_budget"),
+                                              ({"reconstruct_cost": -1.0}, "cost")])
+def test_compress_refuses_bad_reconstruction_options_before_any_work(options, message):
     model = Audio().eval()
     calls = []
-    with pytest.raises(ValueError, match="batch_size"):
-        compress(model, torch.randn(2, 256), calibration=torch.randn(8, 256), batch_size=-3,
-                 progress=lambda *a: calls.append(a))
+    with pytest.raises(ValueError, match=message):
+        compress(model, torch.randn(2, 256), calibration=torch.randn(8, 256), progress=lambda *a: calls.append(a),
+                 **options)
     assert not calls
 
 

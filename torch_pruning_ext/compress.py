@@ -22,7 +22,7 @@ from .pruner import IntraFusionPruner, channel_origin, check_sparsity
 from .importance import build_importance, needs_data
 from .inputs import first_line, run_model, shape_text, tensors_of
 from .synthesis import SYNTHETIC_SAMPLES, synthesize_calibration
-from .reconstruction import check_reconstruct_options, fused_row_maps, repair_by_reconstruction
+from .reconstruction import RECONSTRUCT_COST, check_reconstruct_options, fused_row_maps, repair_by_reconstruction
 from .repair import (DATA_MODES, REPAIR_MODES, batchnorm_sources, repair_variance, repair_with_data,
                      repair_without_data)
 
@@ -159,6 +159,7 @@ def compress(model: nn.Module, example_inputs: torch.Tensor, sparsity: float = 0
              max_layer_sparsity: float | None = None, fold_bn: str = "exact", ignored_layers=None,
              prune_output_layers: bool = False, calibration_samples: int | None = None,
              batch_size: int | None = None, memory_budget: int | None = None,
+             reconstruct_cost: float = RECONSTRUCT_COST,
              inplace: bool = False, progress=None) -> tuple[nn.Module, CompressionSummary]:
     """Prune every group of `model` at `sparsity` (fraction of channels removed per group, or overall
     with schedule="global") with `method` (default / intra_fusion / intra_fusion_fp / fold), then
@@ -176,8 +177,9 @@ def compress(model: nn.Module, example_inputs: torch.Tensor, sparsity: float = 0
     are synthesised from the model's BatchNorm statistics (synthesize_calibration; summary.synthesis
     says how); real calibration uses up to calibration_samples (default 1024) inputs.
     The reconstruction runs all calibration inputs in one pass, or batch_size at a time (less
-    activation memory, more passes); a layer whose Gram matrices would exceed memory_budget bytes
-    gets the cheaper input-space fit.
+    activation memory, more passes); a layer whose Gram matrices would exceed memory_budget bytes, or
+    whose output-space fit would cost more than reconstruct_cost x its share of a forward pass
+    (float("inf"): no bound), gets the cheaper input-space fit.
     Returns (compressed model, summary); the model is a copy unless inplace=True.
     """
     check_method(method)
@@ -185,7 +187,7 @@ def compress(model: nn.Module, example_inputs: torch.Tensor, sparsity: float = 0
     max_layer_sparsity = check_schedule(schedule, max_layer_sparsity)
     if repair is not None:
         check_choice(repair, REPAIR_MODES, "repair")
-    check_reconstruct_options(batch_size, memory_budget)
+    check_reconstruct_options(batch_size, memory_budget, reconstruct_cost)
     _check_inputs(model, example_inputs, "example_inputs")
     synthesis = None
     if isinstance(calibration, str):
@@ -223,7 +225,7 @@ def compress(model: nn.Module, example_inputs: torch.Tensor, sparsity: float = 0
     if repair == "reconstruct":
         report = repair_by_reconstruction(folded, target, channel_origin(results), images,
                                           row_maps=fused_row_maps(folded, results), batch_size=batch_size,
-                                          memory_budget=memory_budget)
+                                          memory_budget=memory_budget, cost=reconstruct_cost)
     elif repair in ("data", "data_downstream"):
         changed = sorted({name for r in results for name in r.producers + r.consumers})
         outputs = {pruner.names[layer] for layer in output_layers(pruner.graph)}

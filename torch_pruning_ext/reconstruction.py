@@ -57,6 +57,9 @@ def _solve(gram: torch.Tensor, cross: torch.Tensor, ridge: float, intercept: boo
     if intercept:
         penalty[-1] = 1e-12 * float(scale)
     system = gram + torch.diag(penalty)
+    if not (torch.isfinite(system).all() and torch.isfinite(cross).all()):
+        raise RuntimeError("reconstruction: a layer's least-squares statistics are not finite (its inputs in "
+                           "the pruned or the original model reached inf or NaN on the calibration data)")
     factor, info = torch.linalg.cholesky_ex(system)  # symmetric positive definite: half the work of LU
     if int(info) == 0:
         return torch.cholesky_solve(cross, factor)
