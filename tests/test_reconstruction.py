@@ -152,3 +152,43 @@ def test_compress_passes_the_batch_size_to_the_reconstruction():
     calibration = torch.randn(48, 256)
     _, summary = compress(model, torch.randn(2, 256), 0.5, "default", calibration, batch_size=16)
     assert summary.repaired_layers["head"]["samples"] == 48
+
+
+@pytest.mark.parametrize("layer", [nn.Conv2d(6, 5, (9, 1), padding=(4, 0)), nn.Conv2d(6, 5, (1, 10), padding="same"),
+                                   nn.Conv1d(6, 5, 12, padding=3, padding_mode="reflect")], ids=repr)
+def test_lag_gram_and_cross_equal_the_patch_products(layer):
+    from torch_pruning_ext.patches import lag_kernel, padded_input, patch_cross, patch_gram
+    torch.manual_seed(4)
+    x = torch.randn(3, 6, 20) if isinstance(layer, nn.Conv1d) else torch.randn(3, 6, 20, 2) if \
+        layer.kernel_size[1] == 1 else torch.randn(3, 6, 2, 20)
+    assert lag_kernel(layer) >= 8
+    offset = torch.randn(6)
+    with torch.no_grad():
+        rows = patch_rows(layer, x).double() - offset.double().repeat(lag_kernel(layer))
+        gram, sums, positions = patch_gram(layer, padded_input(layer, x, offset))
+        assert positions == len(rows)
+        assert torch.allclose(gram, rows.t() @ rows, atol=1e-4, rtol=1e-5)  # float32 products
+        assert torch.allclose(sums, rows.sum(0), atol=1e-4)
+        outputs = layer(x).detach()
+        outputs = outputs.unsqueeze(2) if isinstance(layer, nn.Conv1d) else outputs
+        flat = outputs.permute(0, 2, 3, 1).reshape(-1, 5).double()
+        assert torch.allclose(patch_cross(layer, padded_input(layer, x, offset), outputs).double(), rows.t() @ flat,
+                              atol=1e-3, rtol=1e-4)
+
+
+def test_a_long_one_dimensional_kernel_fits_in_output_space_as_with_patches(monkeypatch):
+    """The lag path gives the fit the patch path gives (same samples, every position)."""
+    import torch_pruning_ext.reconstruction as reconstruction
+    torch.manual_seed(5)
+    x = torch.randn(48, 256)
+    original, pruned, origin = _pruned_pair(Audio(), x)
+    fits = {}
+    for taps in (True, False):
+        if not taps:
+            monkeypatch.setattr(reconstruction, "lag_kernel", lambda layer: 0)
+        refit = copy.deepcopy(pruned)
+        report = repair_by_reconstruction(original, refit, origin, x, cost=float("inf"))
+        assert report["conv2"]["mode"] == "output"
+        fits[taps] = refit.conv2.weight.detach().clone(), refit.conv2.bias.detach().clone()
+    assert torch.allclose(fits[True][0], fits[False][0], atol=1e-4, rtol=1e-3)
+    assert torch.allclose(fits[True][1], fits[False][1], atol=1e-4, rtol=1e-3)

@@ -91,7 +91,78 @@ def output_rows(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torc
     (fast) convolution, its patches are never formed."""
     if isinstance(layer, nn.Linear):
         return x.reshape(-1, x.shape[-1]) @ weight.t()
+    result = output_map(layer, _padded_2d(layer, x), weight)  # N x out x h x w
+    return result.permute(0, 2, 3, 1).reshape(-1, result.shape[1])
+
+
+LAG_MIN_KERNEL = 8  # 1-D kernels at least this long get their Gram matrix from lag correlations
+
+
+def lag_kernel(layer: nn.Module) -> int:
+    """The length K of a 1-D kernel read with stride 1 and dilation 1 ((K, 1) or (1, K) Conv2d, Conv1d),
+    when K >= LAG_MIN_KERNEL, else 0: for those, patch_gram costs about K times less than forming patches."""
+    if not isinstance(layer, (nn.Conv1d, nn.Conv2d)) or layer.groups != 1:
+        return 0
+    kernel, stride, dilation = _geometry(layer)
+    if stride != (1, 1) or dilation != (1, 1) or min(kernel) != 1:
+        return 0
+    return max(kernel) if max(kernel) >= LAG_MIN_KERNEL else 0
+
+
+def _sequences(layer: nn.Module, padded: torch.Tensor) -> torch.Tensor:
+    """(sequences, channels, length): the padded 2-D input cut along the kernel's axis."""
+    kernel, _, _ = _geometry(layer)
+    if kernel[1] == 1:  # (K, 1): every column is a sequence
+        return padded.permute(0, 3, 1, 2).reshape(-1, padded.shape[1], padded.shape[2])
+    return padded.permute(0, 2, 1, 3).reshape(-1, padded.shape[1], padded.shape[3])
+
+
+def padded_input(layer: nn.Module, x: torch.Tensor, offset: torch.Tensor | None = None) -> torch.Tensor:
+    """The layer's input padded as the layer pads it, as (N, C, H, W), minus a per-channel `offset`
+    (subtracted after padding, so padded positions read -offset like every other)."""
+    padded = _padded_2d(layer, x)
+    return padded if offset is None else padded - offset.view(1, -1, 1, 1).to(padded.dtype)
+
+
+def patch_gram(layer: nn.Module, padded: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(sum over output positions of row row^T (float64, features x features), sum of the rows
+    (float64), number of positions) of the patch rows of a lag_kernel layer, from `padded`
+    (padded_input). With stride 1 the product of taps k and k + d at position p is the product of the
+    input at q = p + k and q + d: the lag-d products are summed once per q and the block (k, k + d) is a
+    difference of their running sums, so the cost is channels^2 x length x K per sequence, not
+    channels^2 x length x K^2."""
+    taps = lag_kernel(layer)
+    sequences = _sequences(layer, padded)  # S x C x L
+    channels, length = sequences.shape[1], sequences.shape[2]
+    positions = length - taps + 1
+    gram = torch.zeros(taps, channels, taps, channels, dtype=torch.float64, device=padded.device)
+    first = torch.arange(taps, device=padded.device)
+    for lag in range(taps):
+        products = torch.einsum("scq,sdq->qcd", sequences[:, :, :length - lag], sequences[:, :, lag:])
+        running = torch.cat([products.new_zeros(1, channels, channels), products]).double().cumsum(0)
+        starts = first[:taps - lag]
+        blocks = running[starts + positions] - running[starts]  # taps-lag x C x C
+        gram[starts, :, starts + lag, :] = blocks
+        if lag:
+            gram[starts + lag, :, starts, :] = blocks.transpose(1, 2)
+    totals = torch.cat([sequences.new_zeros(channels, 1), sequences.sum(0)], dim=1).double().cumsum(1)  # C x L+1
+    sums = (totals[:, first + positions] - totals[:, first]).t().reshape(-1)  # (k, c) order
+    size = taps * channels
+    return gram.reshape(size, size), sums, positions * len(sequences)
+
+
+def patch_cross(layer: nn.Module, padded: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor:
+    """(features, outputs): the sum over output positions of row output^T, the patch rows of `padded`
+    (padded_input) against per-position `outputs` (N x out x h x w): a convolution's weight gradient,
+    computed without forming patches."""
+    kernel, stride, dilation = _geometry(layer)
+    weight = torch.nn.grad.conv2d_weight(padded, (outputs.shape[1], padded.shape[1]) + tuple(kernel), outputs,
+                                         stride=stride, dilation=dilation)
+    return weight.permute(0, 2, 3, 1).reshape(len(weight), -1).t()
+
+
+def output_map(layer: nn.Module, padded: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """N x out x h x w: the layer's convolution (no bias) of `padded` (padded_input) with `weight`."""
     _, stride, dilation = _geometry(layer)
     weight = weight.unsqueeze(2) if isinstance(layer, nn.Conv1d) else weight
-    result = F.conv2d(_padded_2d(layer, x), weight, stride=stride, dilation=dilation)  # N x out x h x w
-    return result.permute(0, 2, 3, 1).reshape(-1, result.shape[1])
+    return F.conv2d(padded, weight, stride=stride, dilation=dilation)

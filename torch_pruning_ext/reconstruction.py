@@ -4,7 +4,8 @@ pruned model's own inputs, it reproduces what the original layer outputs for the
 Layers are refitted in run order, each before it runs, so that its corrected output feeds the next
 (fitting later layers in parallel on uncorrected inputs, and refining, measured 0.7-1.7 points worse on
 VGG11-BN). Its cost is bounded by design: each layer's fit accumulates Gram matrices (float64 sums
-over chunks) of at most RECONSTRUCT_POSITIONS_PER_FEATURE positions per weight column, and may cost
+over chunks) of at most RECONSTRUCT_POSITIONS_PER_FEATURE positions per weight column (for a long
+1-D kernel from lag correlations, without forming patches: patches.patch_gram), and may cost
 `cost` times its share of one forward pass; a layer whose output-space fit would cost more, or whose
 Gram matrices exceed `memory_budget`, gets the cheaper input-space channel map (reported with why).
 Memory: by default all calibration samples run through both models in one pass, so activation memory
@@ -26,8 +27,8 @@ import torch.nn as nn
 from .checks import check_choice
 from .groups import ROOT_TYPES, out_channels
 from .modes import as_fast_input, eval_mode, fast_layout
-from .patches import (PATCH_TYPES, output_rows, patch_rows, positions_per_sample, rows_to_weight, samples_of,
-                      weight_rows)
+from .patches import (PATCH_TYPES, lag_kernel, output_map, output_rows, padded_input, patch_cross, patch_gram,
+                      patch_rows, positions_per_sample, rows_to_weight, samples_of, weight_rows)
 
 RECONSTRUCT_RIDGE = 1e-3  # ridge lambda, relative to the mean diagonal of the pruned input's Gram matrix
 RECONSTRUCT_SPACES = ("output", "input")
@@ -36,7 +37,7 @@ RECONSTRUCT_POSITIONS_PER_FEATURE = 32  # and at most this many per feature (wei
 RECONSTRUCT_MIN_POSITIONS = 4  # per feature: with fewer, the layer falls back to the input-space map
 RECONSTRUCT_MIN_SAMPLES = 256  # the positions are drawn from at least this many samples (or all): positions
 #                                within one sample are correlated
-RECONSTRUCT_COST = 1.0  # a layer's output-space fit may cost this many times (its own multiply-adds on the
+RECONSTRUCT_COST = 2.0  # a layer's output-space fit may cost this many times (its own multiply-adds on the
 #                         calibration set + an even share of the whole model's)
 _FREE_MACS = 2 ** 30  # an allowance of at least this (about 15 ms on two cores): small fits always fit
 _GRAM_CHUNK_BYTES = 64 * 2 ** 20  # layer inputs (or patches) per accumulation step
@@ -179,7 +180,9 @@ class _OutputFit:
         dim = self.size + int(intercept)
         self.gram = torch.zeros(dim, dim, dtype=torch.float64, device=self.current.device)
         self.cross = torch.zeros(dim, len(self.weight), dtype=torch.float64, device=self.current.device)
-        self.per_sample = 4 * positions_per_sample(layer, pruned_in) * (dim + 2 * len(self.weight))
+        self.taps = lag_kernel(layer)  # a long 1-D kernel: Gram matrices from lag correlations, no patches
+        width = self.size // self.taps * 3 if self.taps else dim  # floats per position held at once
+        self.per_sample = 4 * positions_per_sample(layer, pruned_in) * (width + 3 * len(self.weight))
         self.total = self.before = 0.0
         self.offset, self.samples = None, 0
 
@@ -196,6 +199,9 @@ class _OutputFit:
             pruned_in, original_in = pruned_in[picked], original_in[picked]
         target_weight = self.weight.to(original_in.dtype)
         for part in _steps(pruned_in, self.per_sample):
+            if self.taps:
+                self._add_by_lags(pruned_in[part], original_in[part], target_weight)
+                continue
             a = patch_rows(self.layer, pruned_in[part])  # positions x features
             target = output_rows(self.layer, original_in[part], target_weight)  # positions x outputs
             if self.keep < 1:
@@ -222,6 +228,29 @@ class _OutputFit:
             self.total += _squares(target)
             self.before += _squares(residual)
         self.samples += len(pruned_in)
+
+    def _add_by_lags(self, pruned_in: torch.Tensor, original_in: torch.Tensor, target_weight: torch.Tensor) -> None:
+        """The same sums for a long 1-D kernel, without patches (patches.patch_gram): inputs measured
+        from a per-channel offset (the first chunk's mean), residuals from two convolutions, their
+        products with the patches as a convolution's weight gradient."""
+        if self.intercept and self.offset is None:
+            mean = padded_input(self.layer, pruned_in).mean((0, 2, 3))
+            self.offset = mean.repeat(self.taps)  # (kernel tap, channel) order, as the weight rows
+        shifted = padded_input(self.layer, pruned_in,
+                               self.offset[:self.size // self.taps] if self.intercept else None)
+        target = output_map(self.layer, padded_input(self.layer, original_in), target_weight)
+        current = rows_to_weight(self.layer, self.current)
+        residual = target - output_map(self.layer, padded_input(self.layer, pruned_in), current)
+        gram, sums, positions = patch_gram(self.layer, shifted)
+        size = self.size
+        self.gram[:size, :size] += gram.tril()
+        self.cross[:size] += patch_cross(self.layer, shifted, residual).double()
+        if self.intercept:
+            self.gram[size, :size] += sums
+            self.gram[size, size] += positions
+            self.cross[size] += residual.sum((0, 2, 3)).double()
+        self.total += _squares(target.transpose(0, 1).reshape(len(self.weight), -1).t())
+        self.before += _squares(residual.transpose(0, 1).reshape(len(self.weight), -1).t())
 
     def apply(self) -> dict:
         size, bias = self.size, self.bias
@@ -295,21 +324,24 @@ def _output_fit_samples(layer: nn.Module, per_sample: int, count: int, allowance
                         memory_budget: int | None) -> tuple[int, float, str]:
     """How many of `count` samples (of `per_sample` output positions each) the output-space fit of
     `layer` reads and the fraction of their positions it keeps, chosen so that its cost is bounded by
-    design: building the Gram matrix (features^2 multiply-adds per position) and solving it may take at
-    most `allowance` multiply-adds, and its matrices must fit in `memory_budget` bytes. Returns
-    (0, 0, why) when that leaves fewer than RECONSTRUCT_MIN_POSITIONS positions per feature: the layer
-    then gets the input-space channel map instead (its features are channels, not channels x kernel)."""
+    design: building the Gram matrix (features^2 multiply-adds per
+    position, or features^2 / K for a long 1-D kernel) and solving it may take at most `allowance`,
+    and its matrices must fit in `memory_budget` bytes. Returns (0, 0, why) when that leaves fewer
+    than RECONSTRUCT_MIN_POSITIONS positions per feature: the layer then gets the input-space channel
+    map instead (its features are channels, not channels x kernel)."""
     size = layer.weight[0].numel() + 1
     total = count * per_sample
+    per_position = size * size / max(1, lag_kernel(layer))  # multiply-adds of the Gram matrix per position
     gram_bytes = 3 * size * size * 8  # the Gram matrix, the regularised system and its factor, float64
     if memory_budget is not None and gram_bytes > memory_budget:
         return 0, 0.0, f"its {size}^2 Gram matrices ({gram_bytes / 2 ** 20:.0f} MiB) exceed memory_budget"
     positions = int(min(total, RECONSTRUCT_POSITIONS, RECONSTRUCT_POSITIONS_PER_FEATURE * size,
-                        (allowance - size ** 3 / 3) / size ** 2))
+                        (allowance - size ** 3 / 3) / per_position))
     if positions < min(total, RECONSTRUCT_MIN_POSITIONS * size):
         return 0, 0.0, f"an output-space fit over {size} features exceeds the cost allowance"
     samples = min(count, max(-(-positions // per_sample), RECONSTRUCT_MIN_SAMPLES))
-    return samples, min(1.0, positions / (samples * per_sample)), ""
+    keep = 1.0 if lag_kernel(layer) else min(1.0, positions / (samples * per_sample))  # lags read every position
+    return samples, keep, ""
 
 
 def check_reconstruct_options(batch_size=None, memory_budget=None, cost: float = RECONSTRUCT_COST) -> None:
@@ -524,19 +556,22 @@ def repair_by_reconstruction(original: nn.Module, pruned: nn.Module, channel_ori
         side = _OriginalSide(original)
         share = sum(layout.macs.values()) / max(1, len(layout.order))
 
+        plans: dict[str, tuple] = {}  # a layer deferred to the streamed passes is planned once
+
         def plan(name: str, layer: nn.Module) -> tuple[str, int, str]:
             """(kind, samples of the calibration set, detail): kind "skip", "per_channel", "input" (detail:
             why, for a fallback) or "output" (detail: the fraction of the samples' positions it keeps)."""
+            if name in plans:
+                return plans[name]
             if isinstance(layer, nn.modules.conv._ConvNd) and layer.groups > 1:
-                return ("per_channel", batch, "") if _is_depthwise(layer) else ("skip", 0, "")
-            if space == "output" and isinstance(layer, PATCH_TYPES):
+                plans[name] = ("per_channel", batch, "") if _is_depthwise(layer) else ("skip", 0, "")
+            elif space == "output" and isinstance(layer, PATCH_TYPES):
                 allowance = max(_FREE_MACS, cost * count * (layout.macs.get(name, 0) + share))
-                samples, keep, why = _output_fit_samples(layer, layout.positions[name], count, allowance,
-                                                         memory_budget)
-                if samples:
-                    return "output", samples, keep
-                return "input", batch, why
-            return "input", batch, ""
+                samples, keep, why = _output_fit_samples(layer, layout.positions[name], count, allowance, memory_budget)
+                plans[name] = ("output", samples, keep) if samples else ("input", batch, why)
+            else:
+                plans[name] = ("input", batch, "")
+            return plans[name]
 
         def make(name: str, layer: nn.Module, kind: str, detail, pruned_in, original_in, chosen):
             origin = channel_origin.get(name, torch.arange(out_channels(layer)))
