@@ -134,11 +134,12 @@ def patch_gram(layer: nn.Module, padded: torch.Tensor) -> tuple[torch.Tensor, to
     taps = lag_kernel(layer)
     sequences = _sequences(layer, padded)  # S x C x L
     channels, length = sequences.shape[1], sequences.shape[2]
+    by_position = sequences.permute(2, 0, 1).contiguous()  # L x S x C: each lag is one batched product
     positions = length - taps + 1
     gram = torch.zeros(taps, channels, taps, channels, dtype=torch.float64, device=padded.device)
     first = torch.arange(taps, device=padded.device)
     for lag in range(taps):
-        products = torch.einsum("scq,sdq->qcd", sequences[:, :, :length - lag], sequences[:, :, lag:])
+        products = torch.bmm(by_position[:length - lag].transpose(1, 2), by_position[lag:])  # L-lag x C x C
         running = torch.cat([products.new_zeros(1, channels, channels), products]).double().cumsum(0)
         starts = first[:taps - lag]
         blocks = running[starts + positions] - running[starts]  # taps-lag x C x C
