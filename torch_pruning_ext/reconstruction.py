@@ -402,7 +402,7 @@ class _OriginalSide:
         self.model, self.modules = model, dict(model.named_modules())
         self.jobs: queue.Queue = queue.Queue()
         self.handoff, self.resume = queue.Queue(maxsize=1), queue.Queue()
-        self.stopped, self.error, self.offered, self.handles = False, None, set(), []
+        self.stopped, self.error, self.offered, self.handles, self.waiting = False, None, set(), [], None
         self.thread = threading.Thread(target=self._work, daemon=True)
         self.thread.start()
 
@@ -432,31 +432,39 @@ class _OriginalSide:
 
     def start(self, names: list[str], inputs: torch.Tensor) -> None:
         """Begin a pass of the original over `inputs`, stopping before each of `names`."""
-        self.stopped, self.error, self.offered = False, None, set()
+        self.stopped, self.error, self.offered, self.waiting = False, None, set(), None
         self.handles = [self.modules[name].register_forward_pre_hook(self._offer(name), with_kwargs=True)
                         for name in names]
         self.jobs.put(inputs)
 
+    def _next(self) -> tuple:
+        item, self.waiting = (self.waiting, None) if self.waiting is not None else (self.handoff.get(), None)
+        return item
+
     def take(self, name: str) -> torch.Tensor:
-        got, tensor = self.handoff.get()
+        got, tensor = self._next()
         if got is None:
-            self.handoff.put((None, None))  # finish() waits for it
+            self.waiting = (None, None)  # finish() sees that it stopped
             raise RuntimeError(f"the original model stopped before layer {name}"
                                + (f": {self.error}" if self.error else ""))
         if got != name:
+            self.release(stop=True)
             raise RuntimeError(f"layer order differs between the models: original ran {got}, pruned ran {name}")
         return tensor
 
-    def release(self) -> None:
+    def release(self, stop: bool = False) -> None:
+        """Let the original go on (or stop) and wait until it is at its next named layer (or done): the
+        two models never compute at the same time (overlapping them on one thread pool gave non-finite
+        results now and then, and does not run faster on few cores)."""
+        self.stopped = self.stopped or stop
         self.resume.put(True)
+        self.waiting = self.handoff.get()
 
     def finish(self) -> None:
         """End the pass: the original stops where it is; its hooks are removed."""
         self.stopped = True
-        while self.handoff.get()[0] is not None:  # it offered one more input: let it stop there
+        while self._next()[0] is not None:  # it waits at one more layer: let it stop there
             self.resume.put(True)
-        while not self.resume.empty():  # a release for an input it never waited on
-            self.resume.get_nowait()
         for handle in self.handles:
             handle.remove()
 
@@ -493,12 +501,16 @@ def _paired_pass(side: _OriginalSide, pruned: nn.Module, names: list[str], input
             if name not in pending:
                 return None
             pending.discard(name)
+            original_in = side.take(name)
+            last = not pending
             try:
-                original_in = side.take(name)
                 visit(name, layer, args[0] if args else next(iter(kwargs.values())), original_in)
+            except BaseException:
+                last = True
+                raise
             finally:
-                side.release()
-            if not pending:
+                side.release(stop=last)
+            if last:
                 raise _Stop
             return None
         return hook
