@@ -191,12 +191,11 @@ What the tables show:
 - The pitch model's classifier reads `x.permute(0, 2, 1, 3).reshape(-1, self.in_features)`.
   torch-pruning would remove the wrong classifier columns when conv6 is pruned (it assumes
   channel-major order), so compress() leaves that one group unpruned and says why; every other
-  group is pruned and fused. With 1024 unlabelled tones, reconstruction keeps the model within 0.6
-  points of the unpruned accuracy at s=0.3 and within 1.9-3.2 at half the channels, in about 4 s:
-  under the reconstruction's cost bound its conv2 (64 or 90 channels x a (64, 1) kernel: a
-  4,097-5,761-wide Gram matrix) gets the input-space map. Before that bound the same cells took
-  100-190 s and were 96.29-96.58 at s=0.5 (`compress(..., reconstruct_cost=float("inf"))` still
-  fits it in output space). The synthetic-calibration rows were measured before the bound.
+  group is pruned and fused. With 1024 unlabelled tones, reconstruction keeps the model within 0.5
+  points of the unpruned accuracy at s=0.3 and within 1.1-1.7 at half the channels, in about 5 s
+  per cell (100-190 s before the reconstruction's cost bound and its lag-correlation Gram matrices
+  for the (64, 1) kernels; at s=0.3 the 90-channel conv2 now gets the input-space map). The
+  synthetic-calibration rows were measured before those changes.
 - Without data, whole-network compression collapses on all three models; on the post-activation-BN
   pitch model the merging methods with a data-free repair are at or above default pruning at
   s=0.3 and, at s=0.5 where every data-free cell is below 15%, Intra-Fusion doubles it while Model
