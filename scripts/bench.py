@@ -45,14 +45,19 @@ def timed_main(argv) -> float:
     return time.perf_counter() - started
 
 
-def cell_split(checkpoint, group: int, sparsity: float) -> dict:
+def shipped_model(name: str, checkpoint=None) -> torch.nn.Module:
+    """A shipped Fashion-MNIST checkpoint of `name` (or the file `checkpoint`), loaded."""
     info = dataset_info("fashion-mnist")
-    model = load_model(resolve_checkpoint("vgg11_bn", "fashion-mnist", checkpoint, ROOT), "vgg11_bn",
-                       "fashion-mnist", info.num_classes).model
+    return load_model(resolve_checkpoint(name, "fashion-mnist", checkpoint, ROOT), name, "fashion-mnist",
+                      info.num_classes).model
+
+
+def cell_split(checkpoint, group: int, sparsity: float) -> dict:
+    model = shipped_model("vgg11_bn", checkpoint)
     test = load_split("fashion-mnist", "test")
     seconds = {}
     started = time.perf_counter()
-    inputs = normalize(test.images, info)
+    inputs = normalize(test.images, dataset_info("fashion-mnist"))
     seconds["data decode+normalise"] = time.perf_counter() - started
     started = time.perf_counter()
     copy_ = copy.deepcopy(model)
@@ -132,10 +137,8 @@ def _reconstruct_subject(name: str, samples: int) -> tuple[torch.nn.Module, torc
     """(BN-folded model, calibration inputs): the shipped checkpoints on Fashion-MNIST images, the
     others with random weights on random inputs (timing only)."""
     if name in ("vgg11_bn", "resnet18"):
-        info = dataset_info("fashion-mnist")
-        model = load_model(resolve_checkpoint(name, "fashion-mnist", None, ROOT), name, "fashion-mnist",
-                           info.num_classes).model
-        inputs = repair_images(calibration_set("fashion-mnist"), info, samples, 0)
+        model = shipped_model(name)
+        inputs = repair_images(calibration_set("fashion-mnist"), dataset_info("fashion-mnist"), samples, 0)
     elif name == "torchvision_resnet18":
         import torchvision
         model, inputs = torchvision.models.resnet18(num_classes=10), torch.randn(samples, 3, 32, 32)
@@ -194,9 +197,7 @@ def print_reconstruct(models=RECONSTRUCT_MODELS, samples: int = 1024, sparsity: 
 def print_synthesis(samples: int) -> None:
     """Seconds to synthesise calibration inputs from VGG11-BN's BatchNorm statistics (issue 28's goal:
     1024 in under 5 minutes on 2 cores)."""
-    info = dataset_info("fashion-mnist")
-    model = load_model(resolve_checkpoint("vgg11_bn", "fashion-mnist", None, ROOT), "vgg11_bn", "fashion-mnist",
-                       info.num_classes).model
+    model = shipped_model("vgg11_bn")
     inputs, report = synthesize_calibration(model, torch.zeros(1, 3, 32, 32), samples)
     print(f"\n== synthetic calibration: VGG11-BN, {report.samples} inputs x {report.iterations} steps: "
           f"{report.seconds:.1f} s; BatchNorm statistics mismatch {report.loss_start:.3f} -> {report.loss_end:.3f}")

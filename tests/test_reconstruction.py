@@ -165,14 +165,15 @@ def test_lag_gram_and_cross_equal_the_patch_products(layer):
     offset = torch.randn(6)
     with torch.no_grad():
         rows = patch_rows(layer, x).double() - offset.double().repeat(lag_kernel(layer))
-        gram, sums, positions = patch_gram(layer, padded_input(layer, x, offset))
+        shifted = padded_input(layer, x) - offset.view(1, -1, 1, 1)
+        gram, sums, positions = patch_gram(layer, shifted)
         assert positions == len(rows)
         assert torch.allclose(gram, rows.t() @ rows, atol=1e-4, rtol=1e-5)  # float32 products
         assert torch.allclose(sums, rows.sum(0), atol=1e-4)
         outputs = layer(x).detach()
         outputs = outputs.unsqueeze(2) if isinstance(layer, nn.Conv1d) else outputs
         flat = outputs.permute(0, 2, 3, 1).reshape(-1, 5).double()
-        assert torch.allclose(patch_cross(layer, padded_input(layer, x, offset), outputs).double(), rows.t() @ flat,
+        assert torch.allclose(patch_cross(layer, shifted, outputs).double(), rows.t() @ flat,
                               atol=1e-3, rtol=1e-4)
 
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 PATCH_TYPES = (nn.Conv1d, nn.Conv2d, nn.Linear)
 
 
-def _padded_2d(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def padded_input(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The layer's input padded as the layer pads it, as (N, C, H, W) (a Conv1d input gets H = 1)."""
     mode = "constant" if layer.padding_mode == "zeros" else layer.padding_mode
     x = F.pad(x, layer._reversed_padding_repeated_twice, mode=mode)
@@ -46,7 +46,7 @@ def positions_per_sample(layer: nn.Module, x: torch.Tensor) -> int:
     """Output positions of one sample: spatial outputs of a convolution, tokens of a Linear."""
     if isinstance(layer, nn.Linear):
         return x[0].numel() // x.shape[-1]
-    height, width = _output_size(layer, *_padded_2d(layer, x[:1]).shape[2:])
+    height, width = _output_size(layer, *padded_input(layer, x[:1]).shape[2:])
     return height * width
 
 
@@ -75,7 +75,7 @@ def patch_rows(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if isinstance(layer, nn.Linear):
         return x.reshape(-1, x.shape[-1])
     kernel, stride, dilation = _geometry(layer)
-    padded = _padded_2d(layer, x).permute(0, 2, 3, 1).contiguous()  # N x H x W x C
+    padded = padded_input(layer, x).permute(0, 2, 3, 1).contiguous()  # N x H x W x C
     count, height, width, channels = padded.shape
     out_h, out_w = _output_size(layer, height, width)
     row, column = width * channels, channels
@@ -91,7 +91,7 @@ def output_rows(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torc
     (fast) convolution, its patches are never formed."""
     if isinstance(layer, nn.Linear):
         return x.reshape(-1, x.shape[-1]) @ weight.t()
-    result = output_map(layer, _padded_2d(layer, x), weight)  # N x out x h x w
+    result = output_map(layer, padded_input(layer, x), weight)  # N x out x h x w
     return result.permute(0, 2, 3, 1).reshape(-1, result.shape[1])
 
 
@@ -115,13 +115,6 @@ def _sequences(layer: nn.Module, padded: torch.Tensor) -> torch.Tensor:
     if kernel[1] == 1:  # (K, 1): every column is a sequence
         return padded.permute(0, 3, 1, 2).reshape(-1, padded.shape[1], padded.shape[2])
     return padded.permute(0, 2, 1, 3).reshape(-1, padded.shape[1], padded.shape[3])
-
-
-def padded_input(layer: nn.Module, x: torch.Tensor, offset: torch.Tensor | None = None) -> torch.Tensor:
-    """The layer's input padded as the layer pads it, as (N, C, H, W), minus a per-channel `offset`
-    (subtracted after padding, so padded positions read -offset like every other)."""
-    padded = _padded_2d(layer, x)
-    return padded if offset is None else padded - offset.view(1, -1, 1, 1).to(padded.dtype)
 
 
 def patch_gram(layer: nn.Module, padded: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:

@@ -233,14 +233,15 @@ class _OutputFit:
         """The same sums for a long 1-D kernel, without patches (patches.patch_gram): inputs measured
         from a per-channel offset (the first chunk's mean), residuals from two convolutions, their
         products with the patches as a convolution's weight gradient."""
-        if self.intercept and self.offset is None:
-            mean = padded_input(self.layer, pruned_in).mean((0, 2, 3))
-            self.offset = mean.repeat(self.taps)  # (kernel tap, channel) order, as the weight rows
-        shifted = padded_input(self.layer, pruned_in,
-                               self.offset[:self.size // self.taps] if self.intercept else None)
+        padded = padded_input(self.layer, pruned_in)
+        shifted = padded
+        if self.intercept:
+            if self.offset is None:  # (kernel tap, channel) order, as the weight rows
+                self.offset = padded.mean((0, 2, 3)).repeat(self.taps)
+            # subtracted after padding: padded positions read -offset like every other
+            shifted = padded - self.offset[:self.size // self.taps].view(1, -1, 1, 1)
         target = output_map(self.layer, padded_input(self.layer, original_in), target_weight)
-        current = rows_to_weight(self.layer, self.current)
-        residual = target - output_map(self.layer, padded_input(self.layer, pruned_in), current)
+        residual = target - output_map(self.layer, padded, rows_to_weight(self.layer, self.current))
         gram, sums, positions = patch_gram(self.layer, shifted)
         size = self.size
         self.gram[:size, :size] += gram.tril()
@@ -324,14 +325,14 @@ def _output_fit_samples(layer: nn.Module, per_sample: int, count: int, allowance
                         memory_budget: int | None) -> tuple[int, float, str]:
     """How many of `count` samples (of `per_sample` output positions each) the output-space fit of
     `layer` reads and the fraction of their positions it keeps, chosen so that its cost is bounded by
-    design: building the Gram matrix (features^2 multiply-adds per
-    position, or features^2 / K for a long 1-D kernel) and solving it may take at most `allowance`,
-    and its matrices must fit in `memory_budget` bytes. Returns (0, 0, why) when that leaves fewer
+    design: building the Gram matrix (features^2 multiply-adds per position, or features^2 / K for a
+    long 1-D kernel of K taps) and solving it may take at most `allowance`, and its matrices must fit
+    in `memory_budget` bytes. Returns (0, 0, why) when that leaves fewer
     than RECONSTRUCT_MIN_POSITIONS positions per feature: the layer then gets the input-space channel
     map instead (its features are channels, not channels x kernel)."""
-    size = layer.weight[0].numel() + 1
+    size, taps = layer.weight[0].numel() + 1, lag_kernel(layer)
     total = count * per_sample
-    per_position = size * size / max(1, lag_kernel(layer))  # multiply-adds of the Gram matrix per position
+    per_position = size * size / max(1, taps)  # multiply-adds of the Gram matrix per position
     gram_bytes = 3 * size * size * 8  # the Gram matrix, the regularised system and its factor, float64
     if memory_budget is not None and gram_bytes > memory_budget:
         return 0, 0.0, f"its {size}^2 Gram matrices ({gram_bytes / 2 ** 20:.0f} MiB) exceed memory_budget"
@@ -340,7 +341,7 @@ def _output_fit_samples(layer: nn.Module, per_sample: int, count: int, allowance
     if positions < min(total, RECONSTRUCT_MIN_POSITIONS * size):
         return 0, 0.0, f"an output-space fit over {size} features exceeds the cost allowance"
     samples = min(count, max(-(-positions // per_sample), RECONSTRUCT_MIN_SAMPLES))
-    keep = 1.0 if lag_kernel(layer) else min(1.0, positions / (samples * per_sample))  # lags read every position
+    keep = 1.0 if taps else min(1.0, positions / (samples * per_sample))  # lags read every position
     return samples, keep, ""
 
 
