@@ -16,14 +16,15 @@ import torch
 from tqdm import tqdm
 
 from torch_pruning_ext.experiments.checkpoints import load_model, resolve_checkpoint
-from torch_pruning_ext.experiments.cli import OneLineParser, choice, device, positive_int, run_cli, sparsity
+from torch_pruning_ext.experiments.cli import (OneLineParser, choice, device, positive_int, run_cli, sparsity,
+                                              synthesise_with_progress)
 from torch_pruning_ext.experiments.data import DATASETS, calibration_batches, calibration_set, dataset_info, load_split, normalize
 from torch_pruning_ext.experiments.evaluation import EVAL_BATCH_SIZE
 from torch_pruning_ext.importance import CRITERIA, DATA_CRITERIA, THINET_SAMPLES
 from torch_pruning_ext.experiments.models import MODEL_BUILDERS
 from torch_pruning_ext.optimal_transport import PROBABILITIES, SOLVERS, TARGETS
-from torch_pruning_ext.experiments.protocol import (METHODS, REPAIR_SAMPLES, TAYLOR_BATCHES, Protocol, Settings,
-                                                    data_sizes, prepare, repair_images)
+from torch_pruning_ext.experiments.protocol import (CALIBRATIONS, METHODS, REPAIR_SAMPLES, TAYLOR_BATCHES, Protocol,
+                                                    Settings, check_calibration, data_sizes, prepare, repair_images)
 from torch_pruning_ext.repair import DATA_MODES, REPAIR_MODES
 from torch_pruning_ext.files import check_writable_dir
 from torch_pruning_ext.experiments.results import check_results_file, format_table, write_rows
@@ -64,7 +65,11 @@ def build_parser() -> OneLineParser:
              "corrects every later layer) or datafree (BN statistics); reconstruct refits every layer by "
              "least squares on unlabelled images (the whole-network choice)")
     add("--repair-samples", "--repair_samples", type=int, default=REPAIR_SAMPLES,
-        help="unlabelled training images for --repair data/data_downstream/reconstruct")
+        help="unlabelled images for --repair data/data_downstream/reconstruct (training images, or "
+             "synthesised ones with --calibration synthetic)")
+    add("--calibration", default="data", type=choice(CALIBRATIONS, "calibration"),
+        help="where the data repairs' inputs come from: data = unlabelled training images; synthetic = no "
+             "data at all, inputs synthesised from the checkpoint's BatchNorm statistics (minutes)")
     add("--finetune-epochs", "--finetune_epochs", type=float, default=0,
         help="fine-tune every pruned model this many epochs (fractions allowed; default 0 = data-free)")
     add("--gpu_id", "--gpu-id", type=int, default=-1, help="CUDA device index, -1 = CPU")
@@ -108,13 +113,15 @@ def run(args) -> int:
     sizes = {criterion: data_sizes(criterion, args.repair, args.taylor_batches, args.repair_samples,
                                    args.thinet_samples) for criterion in args.importance_criteria}
     check_schedule(args.schedule, args.max_layer_sparsity)
+    check_calibration(args.calibration, [args.repair], args.importance_criteria)
     output = check_results_file(args.output) if args.output else None
     if args.save_pruned:
         check_writable_dir(args.save_pruned, "--save-pruned")
     info = dataset_info(args.dataset)
     path = resolve_checkpoint(args.model_name, args.dataset, args.checkpoint, ROOT)
     loaded = load_model(path, args.model_name, args.dataset, info.num_classes)
-    prepared = prepare(loaded.model, torch.zeros(1, 3, 32, 32), args.bn_fold)  # the run's one extra graph trace
+    example = torch.zeros(1, 3, 32, 32)
+    prepared = prepare(loaded.model, example, args.bn_fold)  # the run's one extra graph trace
     if args.list_groups:
         for group in prepared.groups:
             print(group.describe())
@@ -131,7 +138,9 @@ def run(args) -> int:
         batches = calibration_batches(calibration_set(args.dataset, args.data_dir, not args.no_download), info, args.taylor_batches,
                                       128, args.seed)
     repair_inputs = None
-    if args.repair in DATA_MODES:
+    if args.repair in DATA_MODES and args.calibration == "synthetic":
+        repair_inputs = synthesise_with_progress(loaded.model, example, args.repair_samples, args.seed)
+    elif args.repair in DATA_MODES:
         repair_inputs = repair_images(calibration_set(args.dataset, args.data_dir, not args.no_download), info,
                                       args.repair_samples, args.seed)
     train_set = None
@@ -144,7 +153,8 @@ def run(args) -> int:
     for criterion in args.importance_criteria:
         settings = Settings(args.model_name, args.dataset, criterion, args.p, args.source_prob, args.target_prob,
                             args.target, args.solver, args.bn_fold, args.seed, args.repair, args.finetune_epochs,
-                            **sizes[criterion], schedule=args.schedule, max_layer_sparsity=args.max_layer_sparsity)
+                            **sizes[criterion], schedule=args.schedule, max_layer_sparsity=args.max_layer_sparsity,
+                            calibration=args.calibration if args.repair in DATA_MODES else None)
         protocol = Protocol(loaded.model, settings, inputs, test.labels, batches, args.batch_size, device,
                             reuse=not args.no_reuse, save_dir=args.save_pruned, repair_inputs=repair_inputs,
                             train_set=train_set, gates=loaded.gates, prepared=prepared)

@@ -20,15 +20,16 @@ sys.path.insert(0, str(ROOT))
 from torch_pruning_ext.experiments.checkpoints import load_model, resolve_checkpoint  # noqa: E402
 from torch_pruning_ext.compress import SCHEDULES, check_schedule  # noqa: E402
 from torch_pruning_ext.experiments.cli import (OneLineParser, choice, device, positive_int, run_cli,  # noqa: E402
-                                             sparsity)
+                                             sparsity, synthesise_with_progress)
 from torch_pruning_ext.experiments.evaluation import EVAL_BATCH_SIZE  # noqa: E402
 from torch_pruning_ext.files import check_writable_dir, file_lock  # noqa: E402
 from torch_pruning_ext.experiments.data import (DATASETS, calibration_batches, calibration_set, dataset_info,  # noqa: E402
                                     load_split, normalize)
 from torch_pruning_ext.importance import CRITERIA, DATA_CRITERIA, THINET_SAMPLES  # noqa: E402
 from torch_pruning_ext.experiments.models import MODEL_BUILDERS  # noqa: E402
-from torch_pruning_ext.experiments.protocol import (METHODS, REPAIR_SAMPLES, TAYLOR_BATCHES, Protocol, Settings,  # noqa: E402
-                                                    cell_identity, check_data_sizes, data_sizes, prepare, repair_images)
+from torch_pruning_ext.experiments.protocol import (CALIBRATIONS, METHODS, REPAIR_SAMPLES, TAYLOR_BATCHES, Protocol, Settings,  # noqa: E402
+                                                    cell_identity, check_calibration, check_data_sizes, data_sizes,
+                                                    prepare, repair_images)
 from torch_pruning_ext.repair import DATA_MODES, REPAIR_MODES  # noqa: E402
 from torch_pruning_ext.experiments.results import check_results_file, read_rows, row_key, write_rows  # noqa: E402
 
@@ -105,7 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("--device", type=device, default="cpu")
     add("--repair", nargs="+", choices=REPAIR_MODES, default=["none"],
         help="repair modes to sweep (each is its own set of rows)")
-    add("--repair-samples", type=int, default=REPAIR_SAMPLES)
+    add("--repair-samples", type=int, default=REPAIR_SAMPLES,
+        help="unlabelled images for the data repairs (training images, or synthesised ones)")
+    add("--calibration", default="data", type=choice(CALIBRATIONS, "calibration"),
+        help="data = unlabelled training images; synthetic = no data, inputs synthesised from each model's "
+             "BatchNorm statistics (kept in RUN_DIR/synthetic/ so a resumed sweep does not redo them)")
     add("--schedule", choices=SCHEDULES, default="uniform", help="how whole-network cells spread the sparsity")
     add("--max-layer-sparsity", type=sparsity, default=None, help="cap per group for --schedule global")
     add("--finetune-epochs", type=float, default=0, help="fine-tune every pruned model (default 0: data-free)")
@@ -139,7 +144,7 @@ def plan_cells(block: list[Settings], groups, sparsities, methods) -> list[tuple
 
 def _block_of(settings: Settings) -> Settings:
     """What the settings of one block share: everything but the repair mode and its sample count."""
-    return replace(settings, repair="none", repair_samples=None)
+    return replace(settings, repair="none", repair_samples=None, calibration=None)
 
 
 def sweep(args) -> int:
@@ -152,6 +157,7 @@ def sweep(args) -> int:
     check_data_sizes(taylor_batches=args.taylor_batches, repair_samples=args.repair_samples,
                      thinet_samples=args.thinet_samples)
     check_schedule(args.schedule, args.max_layer_sparsity)
+    check_calibration(args.calibration, args.repair, args.criteria)
     index, count = args.shard or shard_from_environment()
     if args.save_pruned:
         check_writable_dir(args.save_pruned, "--save-pruned")
@@ -173,12 +179,14 @@ def sweep(args) -> int:
                                              repair=repair, finetune_epochs=args.finetune_epochs,
                                              **data_sizes(criterion, repair, args.taylor_batches,
                                                           args.repair_samples, args.thinet_samples),
-                                             schedule=args.schedule, max_layer_sparsity=args.max_layer_sparsity)
+                                             schedule=args.schedule, max_layer_sparsity=args.max_layer_sparsity,
+                                             calibration=args.calibration if repair in DATA_MODES else None)
                                     for repair in args.repair]))
-    repair_inputs = None
-    if set(args.repair) & set(DATA_MODES):
-        repair_inputs = repair_images(calibration_set(args.dataset, args.data_dir, not args.no_download), info,
-                                      args.repair_samples, args.seed)
+    repair_inputs = {}  # model name -> its data repairs' inputs, made when its first cell needs them
+    if set(args.repair) & set(DATA_MODES) and args.calibration == "data":
+        images = repair_images(calibration_set(args.dataset, args.data_dir, not args.no_download), info,
+                               args.repair_samples, args.seed)
+        repair_inputs = {name: images for name in args.models}
     train_set = None
     if args.finetune_epochs > 0:
         train_set = load_split(args.dataset, "train", args.data_dir, download=not args.no_download)
@@ -204,8 +212,14 @@ def sweep(args) -> int:
                 protocols.clear()  # a new block: free the old protocols and their cache
             first = next(iter(protocols.values()), None)
             caches = {"prefix_cache": first.cache, "score_cache": first.score_cache} if first else {}
+            if settings.calibration == "synthetic" and settings.model not in repair_inputs:
+                cache = run_dir / "synthetic" / f"{settings.model}_n{args.repair_samples}_seed{args.seed}.pt"
+                cache.parent.mkdir(exist_ok=True)
+                repair_inputs[settings.model] = synthesise_with_progress(loaded.model, inputs[:1], args.repair_samples,
+                                                                         args.seed, cache)
             protocols[settings] = Protocol(loaded.model, settings, inputs, test.labels, batches, args.batch_size,
-                                           args.device, save_dir=args.save_pruned, repair_inputs=repair_inputs,
+                                           args.device, save_dir=args.save_pruned,
+                                           repair_inputs=repair_inputs.get(settings.model),
                                            train_set=train_set, gates=loaded.gates,
                                            prepared=prepared[settings.model], **caches)
         protocol = protocols[settings]

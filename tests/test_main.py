@@ -344,3 +344,55 @@ def test_a_default_run_traces_the_graph_once_per_cell_plus_one(tiny_data, checkp
                             "--group_idxs", 1, 2, "--sparsities", 0.3, 0.7)
     assert code == 0, err
     assert len(traces) == 2 * 2 * 2 + 1  # groups x sparsities x (default, intra_fusion), plus the fold
+
+
+@pytest.mark.slow
+def test_synthetic_calibration_from_the_cli_reads_no_training_data(tiny_data, checkpoints, run_main, tmp_path,
+                                                                   monkeypatch):
+    import main
+
+    def no_training_data(*args, **kwargs):
+        raise AssertionError("training images were read")
+    monkeypatch.setattr(main, "calibration_set", no_training_data)
+    args = ["--checkpoint", checkpoints[("vgg11_bn", 10)], "--data-dir", tiny_data, "--group_idxs", 1,
+            "--sparsities", 0.5, "--methods", "default", "--repair", "reconstruct", "--output", tmp_path / "rows.csv"]
+    with pytest.raises(AssertionError, match="training images were read"):
+        run_main(*args, "--repair-samples", 8)  # real calibration reads them
+    code, _, err = run_main(*args, "--repair-samples", 8, "--calibration", "synthetic")
+    assert code == 0, err
+    assert "synthesised 8 calibration images" in err
+    rows = [r for r in read_rows(tmp_path / "rows.csv") if r["method"] == "default"]
+    assert [(r["calibration"], r["repair_samples"], r["repair"]) for r in rows] == [("synthetic", "8", "reconstruct")]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--repair", "none"], "--calibration synthetic feeds a data repair, but --repair is none"),
+    (["--repair", "reconstruct", "--importance_criteria", "taylor"],
+     "criterion taylor is measured on labelled training batches"),
+    (["--repair", "reconstruct", "--calibration", "synthetc"], "unknown calibration 'synthetc'"),
+])
+def test_synthetic_calibration_is_checked_before_any_work(checkpoints, run_main, extra, message):
+    argv = ["--checkpoint", checkpoints[("vgg11_bn", 10)], "--calibration", "synthetic"] + extra
+    code, out, err = run_main(*argv)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1 and out == ""
+
+
+def test_synthetic_images_are_cached_per_model_count_and_seed(tmp_path, monkeypatch):
+    from torch_pruning_ext.experiments import protocol
+
+    def small(seed):
+        torch.manual_seed(seed)
+        return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU())
+    model, cache = small(0), tmp_path / "synthetic.pt"
+    example = torch.zeros(1, 3, 8, 8)
+    made, report = protocol.synthetic_images(model, example, 4, seed=1, cache=cache)
+    assert made.shape == (4, 3, 8, 8) and report["samples"] == 4 and cache.is_file()
+
+    def never(*args, **kwargs):
+        raise AssertionError("synthesised again")
+    monkeypatch.setattr(protocol, "synthesize_calibration", never)
+    again, _ = protocol.synthetic_images(model, example, 4, seed=1, cache=cache)
+    assert torch.equal(again, made)
+    for other in ((small(1), 4, 1), (model, 4, 2), (model, 5, 1)):  # model, count, seed
+        with pytest.raises(AssertionError, match="synthesised again"):
+            protocol.synthetic_images(other[0], example, other[1], seed=other[2], cache=cache)

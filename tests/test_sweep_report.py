@@ -67,6 +67,27 @@ def test_shards_partition_the_sweep(tiny_data, checkpoints, tmp_path, monkeypatc
     assert 0 < len(read_rows(tmp_path / "one" / "results.csv")) < len(read_rows(tmp_path / "full" / "results.csv"))
 
 
+@pytest.mark.slow
+def test_sweep_with_synthetic_calibration_keeps_the_inputs_for_a_resumed_run(tiny_data, checkpoints, tmp_path,
+                                                                             monkeypatch):
+    args = ["--run-dir", str(tmp_path), "--models", "vgg11_bn", "--checkpoint", f"vgg11_bn={checkpoints[('vgg11_bn', 10)]}",
+            "--data-dir", str(tiny_data), "--criteria", "l1", "--groups", "7", "--sparsities", "0.5",
+            "--methods", "default", "--repair", "none", "reconstruct", "--repair-samples", "6",
+            "--calibration", "synthetic", "--batch-size", "48"]
+    assert sweep.main(args) == 0
+    assert (tmp_path / "synthetic" / "vgg11_bn_n6_seed0.pt").is_file()
+    rows = read_rows(tmp_path / "results.csv")
+    assert sorted((r["method"], r["repair"], r["calibration"]) for r in rows) == [
+        ("base", "none", ""), ("base", "reconstruct", "synthetic"), ("default", "none", ""),
+        ("default", "reconstruct", "synthetic")]
+    (tmp_path / "results.csv").unlink()  # run again: the synthetic inputs come from the run directory
+
+    def never(*args, **kwargs):
+        raise AssertionError("synthesised again")
+    monkeypatch.setattr("torch_pruning_ext.experiments.protocol.synthesize_calibration", never)
+    assert sweep.main(args) == 0 and len(read_rows(tmp_path / "results.csv")) == 4
+
+
 def test_bad_sweep_arguments(tiny_data, checkpoints, tmp_path, capsys):
     with pytest.raises(SystemExit):
         sweep.main(sweep_args(tmp_path, tiny_data, checkpoints, "--shard", "3/2"))

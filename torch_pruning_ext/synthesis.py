@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from .modes import eval_mode
+from .modes import as_fast_input, eval_mode, fast_layout
 
 SYNTHETIC_SAMPLES = 256  # inputs synthesised by default: 1024 cost 4x the time for little gain
 
@@ -86,9 +86,9 @@ def synthesize_calibration(model: nn.Module, example_inputs: torch.Tensor, n: in
     started = time.perf_counter()
     results, first, last = [], None, None
     try:
-        with eval_mode(model):
+        with eval_mode(model), fast_layout(model):
             for size in batches:
-                x = torch.randn((size,) + tuple(example_inputs.shape[1:]), generator=generator).to(device)
+                x = as_fast_input(torch.randn((size,) + tuple(example_inputs.shape[1:]), generator=generator), device)
                 x.requires_grad_(True)
                 optimizer = torch.optim.Adam([x], lr=lr)
                 for step in range(iterations):
@@ -111,7 +111,7 @@ def synthesize_calibration(model: nn.Module, example_inputs: torch.Tensor, n: in
                     done += 1
                     if progress is not None:
                         progress(done, total_steps)
-                results.append(x.detach())
+                results.append(x.detach().contiguous())
                 if stopped:  # the batches not started are left out: noise would only mislead a refit
                     break
     finally:

@@ -5,9 +5,11 @@ import argparse
 import sys
 
 import torch
+from tqdm import tqdm
 
 from .checkpoints import CheckpointError
 from .data import DatasetUnavailable
+from .protocol import synthetic_images
 from ..checks import check_choice
 from ..pruner import check_sparsity
 
@@ -69,3 +71,17 @@ def run_cli(prog: str, function, args) -> int:
     except USER_ERRORS as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         return 2
+
+
+def synthesise_with_progress(model, example, count: int, seed: int, cache=None) -> torch.Tensor:
+    """Calibration images from the model's BatchNorm statistics, with a progress bar and a report line."""
+    with tqdm(desc="synthesising calibration", unit="step") as bar:
+        def advance(done, total):
+            bar.total = total
+            bar.update(done - bar.n)
+        inputs, report = synthetic_images(model, example, count, seed, cache, progress=advance)
+    print(f"synthesised {report['samples']} calibration images in {report['seconds']:.0f} s "
+          f"({report['iterations']} steps per batch; BatchNorm statistics mismatch {report['loss_start']:.3g} -> "
+          f"{report['loss_end']:.3g})" + (", cut short by the time bound" if report["stopped_early"] else ""),
+          file=sys.stderr)
+    return inputs

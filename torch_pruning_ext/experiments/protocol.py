@@ -8,6 +8,7 @@ Shared by main.py and the sweep scripts so every table is produced by the same c
 from __future__ import annotations
 
 import copy
+import hashlib
 import time
 from pathlib import Path
 from dataclasses import asdict, dataclass
@@ -30,6 +31,9 @@ from ..reconstruction import fused_row_maps, repair_by_reconstruction
 from ..repair import (DATA_MODES, batchnorm_sources, check_mode as check_repair, layer_statistics,
                       repair_variance, repair_with_data, repair_without_data)
 from ..serialization import save_pruned
+from ..checks import check_choice
+from ..files import atomic_torch_save
+from ..synthesis import synthesize_calibration
 from .staged import PrefixCache, first_stage, has_stages, run_stages
 from .training import train
 
@@ -61,6 +65,9 @@ class Settings:
     # `sparsity` of its channels, the paper), "global" = ranked together, capped per group
     schedule: str | None = None
     max_layer_sparsity: float | None = None
+    # where a data repair's unlabelled inputs come from: None = real training images (the default),
+    # "synthetic" = synthesised from the model's BatchNorm statistics (no data at all)
+    calibration: str | None = None
 
     def __post_init__(self):
         # numbers are stored as floats so that "--p 1" and the default name the same settings
@@ -70,12 +77,16 @@ class Settings:
         object.__setattr__(self, "max_layer_sparsity", cap)
         if self.schedule == "uniform":  # the default, named as rows written before schedules existed
             object.__setattr__(self, "schedule", None)
+        check_choice(self.calibration or "data", CALIBRATIONS, "calibration")
+        if self.calibration == "data":
+            object.__setattr__(self, "calibration", None)
 
     def transport(self) -> OptimalTransport:
         return OptimalTransport(p=self.p, source_prob=self.source_prob, target_prob=self.target_prob,
                                 target=self.target, solver=self.solver)
 
 
+CALIBRATIONS = ("data", "synthetic")  # real unlabelled training images, or none at all
 TAYLOR_BATCHES = 5  # calibration batches of 128 training images for the data-driven criteria
 REPAIR_SAMPLES = 1024  # unlabelled images for the data repair modes
 
@@ -128,6 +139,40 @@ def repair_images(pool, info, count: int, seed: int) -> torch.Tensor:
         raise ValueError(f"--repair-samples {count} is more than the {len(pool)} calibration images available")
     order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))[:count]
     return normalize(pool.images[order], info)
+
+
+def check_calibration(calibration: str, repairs, criteria) -> None:
+    """Before any work: synthetic calibration feeds the data repairs, so it needs one, and it cannot
+    stand in for the labelled batches of the data-driven criteria."""
+    check_choice(calibration, CALIBRATIONS, "calibration")
+    if calibration != "synthetic":
+        return
+    if not set(repairs) & set(DATA_MODES):
+        raise ValueError(f"--calibration synthetic feeds a data repair, but --repair is {' '.join(repairs)}: "
+                         f"use one of {', '.join(DATA_MODES)}")
+    labelled = sorted(set(criteria) & set(DATA_CRITERIA))
+    if labelled:
+        raise ValueError(f"criterion {labelled[0]} is measured on labelled training batches, which --calibration "
+                         "synthetic does not provide: use a data-free criterion (l1, l2, ...)")
+
+
+def synthetic_images(model: nn.Module, example: torch.Tensor, count: int, seed: int, cache: Path | None = None, progress=None):
+    """`count` calibration images shaped like `example`, synthesised (seeded) from `model`'s BatchNorm statistics, and the
+    synthesis report as a dict. With `cache` (a file), inputs made before for the same model, count
+    and seed are read back instead of synthesised again (minutes for a resumed sweep)."""
+    fingerprint = hashlib.sha1(b"".join(t.detach().cpu().numpy().tobytes()
+                                        for t in model.state_dict().values())).hexdigest()
+    identity = {"fingerprint": fingerprint, "count": count, "seed": seed}
+    if cache is not None and cache.exists():
+        stored = torch.load(cache, map_location="cpu", weights_only=True)
+        if all(stored.get(k) == v for k, v in identity.items()):
+            return stored["inputs"], stored["report"]
+    inputs, report = synthesize_calibration(model, example, count, seed=seed,
+                                            progress=progress)
+    report = asdict(report)
+    if cache is not None:
+        atomic_torch_save(identity | {"inputs": inputs, "report": report}, cache)
+    return inputs, report
 
 
 @dataclass
