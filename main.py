@@ -24,7 +24,8 @@ from torch_pruning_ext.importance import CRITERIA, DATA_CRITERIA, THINET_SAMPLES
 from torch_pruning_ext.experiments.models import MODEL_BUILDERS
 from torch_pruning_ext.optimal_transport import PROBABILITIES, SOLVERS, TARGETS
 from torch_pruning_ext.experiments.protocol import (CALIBRATIONS, METHODS, REPAIR_SAMPLES, TAYLOR_BATCHES, Protocol,
-                                                    Settings, check_calibration, data_sizes, prepare, repair_images)
+                                                    Settings, check_calibration, check_repair_batch_size, data_sizes,
+                                                    prepare, repair_images)
 from torch_pruning_ext.repair import DATA_MODES, REPAIR_MODES
 from torch_pruning_ext.files import check_writable_dir
 from torch_pruning_ext.experiments.results import check_results_file, format_table, write_rows
@@ -67,6 +68,9 @@ def build_parser() -> OneLineParser:
     add("--repair-samples", "--repair_samples", type=int, default=REPAIR_SAMPLES,
         help="unlabelled images for --repair data/data_downstream/reconstruct (training images, or "
              "synthesised ones with --calibration synthetic)")
+    add("--repair-batch-size", "--repair_batch_size", type=positive_int, default=None,
+        help="--repair reconstruct: run at most this many calibration images at once (less memory, one "
+             "more pass per layer that cannot be fitted in the first; default: all in one pass)")
     add("--calibration", default="data", type=choice(CALIBRATIONS, "calibration"),
         help="where the data repairs' inputs come from: data = unlabelled training images; synthetic = no "
              "data at all, inputs synthesised from the checkpoint's BatchNorm statistics (minutes)")
@@ -114,6 +118,7 @@ def run(args) -> int:
                                    args.thinet_samples) for criterion in args.importance_criteria}
     check_schedule(args.schedule, args.max_layer_sparsity)
     check_calibration(args.calibration, [args.repair], args.importance_criteria)
+    check_repair_batch_size(args.repair_batch_size, [args.repair])
     output = check_results_file(args.output) if args.output else None
     if args.save_pruned:
         check_writable_dir(args.save_pruned, "--save-pruned")
@@ -154,7 +159,8 @@ def run(args) -> int:
         settings = Settings(args.model_name, args.dataset, criterion, args.p, args.source_prob, args.target_prob,
                             args.target, args.solver, args.bn_fold, args.seed, args.repair, args.finetune_epochs,
                             **sizes[criterion], schedule=args.schedule, max_layer_sparsity=args.max_layer_sparsity,
-                            calibration=args.calibration if args.repair in DATA_MODES else None)
+                            calibration=args.calibration if args.repair in DATA_MODES else None,
+                            repair_batch_size=args.repair_batch_size)
         protocol = Protocol(loaded.model, settings, inputs, test.labels, batches, args.batch_size, device,
                             reuse=not args.no_reuse, save_dir=args.save_pruned, repair_inputs=repair_inputs,
                             train_set=train_set, gates=loaded.gates, prepared=prepared)

@@ -28,7 +28,8 @@ from torch_pruning_ext.experiments.data import (DATASETS, calibration_batches, c
 from torch_pruning_ext.importance import CRITERIA, DATA_CRITERIA, THINET_SAMPLES  # noqa: E402
 from torch_pruning_ext.experiments.models import MODEL_BUILDERS  # noqa: E402
 from torch_pruning_ext.experiments.protocol import (CALIBRATIONS, METHODS, REPAIR_SAMPLES, TAYLOR_BATCHES, Protocol, Settings,  # noqa: E402
-                                                    cell_identity, check_calibration, check_data_sizes, data_sizes,
+                                                    cell_identity, check_calibration, check_data_sizes,
+                                                    check_repair_batch_size, data_sizes,
                                                     prepare, repair_images)
 from torch_pruning_ext.repair import DATA_MODES, REPAIR_MODES  # noqa: E402
 from torch_pruning_ext.experiments.results import check_results_file, read_rows, row_key, write_rows  # noqa: E402
@@ -108,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="repair modes to sweep (each is its own set of rows)")
     add("--repair-samples", type=int, default=REPAIR_SAMPLES,
         help="unlabelled images for the data repairs (training images, or synthesised ones)")
+    add("--repair-batch-size", type=positive_int, default=None,
+        help="--repair reconstruct: at most this many calibration images at once (default: one pass)")
     add("--calibration", default="data", type=choice(CALIBRATIONS, "calibration"),
         help="data = unlabelled training images; synthetic = no data, inputs synthesised from each model's "
              "BatchNorm statistics (kept in RUN_DIR/synthetic/ so a resumed sweep does not redo them)")
@@ -144,7 +147,7 @@ def plan_cells(block: list[Settings], groups, sparsities, methods) -> list[tuple
 
 def _block_of(settings: Settings) -> Settings:
     """What the settings of one block share: everything but the repair mode and its sample count."""
-    return replace(settings, repair="none", repair_samples=None, calibration=None)
+    return replace(settings, repair="none", repair_samples=None, calibration=None, repair_batch_size=None)
 
 
 def sweep(args) -> int:
@@ -158,6 +161,7 @@ def sweep(args) -> int:
                      thinet_samples=args.thinet_samples)
     check_schedule(args.schedule, args.max_layer_sparsity)
     check_calibration(args.calibration, args.repair, args.criteria)
+    check_repair_batch_size(args.repair_batch_size, args.repair)
     index, count = args.shard or shard_from_environment()
     if args.save_pruned:
         check_writable_dir(args.save_pruned, "--save-pruned")
@@ -180,7 +184,9 @@ def sweep(args) -> int:
                                              **data_sizes(criterion, repair, args.taylor_batches,
                                                           args.repair_samples, args.thinet_samples),
                                              schedule=args.schedule, max_layer_sparsity=args.max_layer_sparsity,
-                                             calibration=args.calibration if repair in DATA_MODES else None)
+                                             calibration=args.calibration if repair in DATA_MODES else None,
+                                             repair_batch_size=args.repair_batch_size if repair == "reconstruct"
+                                             else None)
                                     for repair in args.repair]))
     repair_inputs = {}  # model name -> its data repairs' inputs, made when its first cell needs them
     if set(args.repair) & set(DATA_MODES) and args.calibration == "data":

@@ -31,7 +31,8 @@ from torch_pruning_ext.methods import METHODS  # noqa: E402
 FIELDS = ["model", "variant", "sparsity", "method", "accuracy", "synthesis_seconds", "mismatch_start",
           "mismatch_end", "compress_seconds"]
 SETTINGS = {"samples": int, "iterations": int, "lr": float, "batch_size": int, "jitter": int,
-            "smoothness": float, "seed": int}
+            "smoothness": float, "seed": int, "objective": str,
+            "bfloat16": lambda text: text == "1"}
 
 
 def row_key(row: dict) -> tuple:

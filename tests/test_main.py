@@ -370,6 +370,9 @@ def test_synthetic_calibration_from_the_cli_reads_no_training_data(tiny_data, ch
     (["--repair", "reconstruct", "--importance_criteria", "taylor"],
      "criterion taylor is measured on labelled training batches"),
     (["--repair", "reconstruct", "--calibration", "synthetc"], "unknown calibration 'synthetc'"),
+    (["--repair", "datafree", "--calibration", "data", "--repair-batch-size", "64"],
+     "--repair-batch-size 64 applies to --repair reconstruct only, not datafree"),
+    (["--repair", "reconstruct", "--repair-batch-size", "0"], "must be a positive integer, got '0'"),
 ])
 def test_synthetic_calibration_is_checked_before_any_work(checkpoints, run_main, extra, message):
     argv = ["--checkpoint", checkpoints[("vgg11_bn", 10)], "--calibration", "synthetic"] + extra
@@ -396,3 +399,15 @@ def test_synthetic_images_are_cached_per_model_count_and_seed(tmp_path, monkeypa
     for other in ((small(1), 4, 1), (model, 4, 2), (model, 5, 1)):  # model, count, seed
         with pytest.raises(AssertionError, match="synthesised again"):
             protocol.synthetic_images(other[0], example, other[1], seed=other[2], cache=cache)
+
+
+@pytest.mark.slow
+def test_repair_batch_size_from_the_cli_names_its_rows(tiny_data, checkpoints, run_main, tmp_path):
+    args = ["--checkpoint", checkpoints[("vgg11_bn", 10)], "--data-dir", tiny_data, "--group_idxs", "all",
+            "--sparsities", 0.5, "--methods", "default", "--repair", "reconstruct", "--repair-samples", 96,
+            "--output", tmp_path / "rows.csv"]
+    assert run_main(*args)[0] == 0 and run_main(*args, "--repair-batch-size", 32)[0] == 0
+    rows = {r["repair_batch_size"]: r for r in read_rows(tmp_path / "rows.csv") if r["method"] == "default"}
+    assert sorted(rows) == ["", "32"]  # one row each: a streamed reconstruction is its own setting
+    # the streamed passes refit from the same 96 images: the accuracy is that of one pass, near enough
+    assert abs(float(rows["32"]["accuracy"]) - float(rows[""]["accuracy"])) <= 5

@@ -42,11 +42,27 @@ def _batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
 def _statistics_mismatch(captured: dict, batchnorms) -> torch.Tensor:
     losses = []
     for bn in batchnorms:
-        x = captured[bn]
+        x = captured[bn].float()
         dims = [0] + list(range(2, x.dim()))
         mean, var = x.mean(dims), x.var(dims, unbiased=False)
         losses.append(((mean - bn.running_mean) ** 2).sum() + ((var - bn.running_var) ** 2).sum())
     return torch.stack(losses).mean()
+
+
+def _divergence(captured: dict, batchnorms) -> torch.Tensor:
+    """Mean over BatchNorms and channels of KL(batch Gaussian || running Gaussian): scale-free, so
+    every layer and channel counts alike (the squared mismatch is dominated by the widest variances)."""
+    losses = []
+    for bn in batchnorms:
+        x = captured[bn].float()
+        dims = [0] + list(range(2, x.dim()))
+        mean, var = x.mean(dims), x.var(dims, unbiased=False) + bn.eps
+        running = bn.running_var + bn.eps
+        losses.append((0.5 * (torch.log(running / var) + (var + (mean - bn.running_mean) ** 2) / running - 1)).mean())
+    return torch.stack(losses).mean()
+
+
+OBJECTIVES = {"moments": _statistics_mismatch, "kl": _divergence}
 
 
 def _roughness(x: torch.Tensor) -> torch.Tensor:
@@ -57,7 +73,8 @@ def _roughness(x: torch.Tensor) -> torch.Tensor:
 
 def synthesize_calibration(model: nn.Module, example_inputs: torch.Tensor, n: int = SYNTHETIC_SAMPLES,
                            iterations: int = 100, lr: float = 0.1, batch_size: int = 256, seed: int = 0,
-                           jitter: int = 2, smoothness: float = 0.01, max_seconds: float | None = None,
+                           jitter: int = 2, smoothness: float = 0.01, objective: str = "moments", bfloat16: bool = False,
+                           max_seconds: float | None = None,
                            progress=None) -> tuple[torch.Tensor, SynthesisReport]:
     """`n` inputs shaped like one sample of `example_inputs`, optimised (Adam, cosine learning rate,
     `iterations` steps per batch of `batch_size`) so that each BatchNorm's batch mean and variance
@@ -99,10 +116,11 @@ def synthesize_calibration(model: nn.Module, example_inputs: torch.Tensor, n: in
                         group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / iterations))
                     shifts = torch.randint(-jitter, jitter + 1, (min(2, x.dim() - 1),), generator=generator).tolist()
                     moved = torch.roll(x, shifts, tuple(range(x.dim() - len(shifts), x.dim()))) if jitter else x
-                    with torch.enable_grad():
+                    with torch.enable_grad(), torch.autocast(x.device.type, torch.bfloat16, enabled=bfloat16):
                         model(moved)
                         mismatch = _statistics_mismatch(captured, batchnorms)
-                        loss = mismatch + smoothness * _roughness(x)
+                        fit = mismatch if objective == "moments" else OBJECTIVES[objective](captured, batchnorms)
+                        loss = fit + smoothness * _roughness(x)
                         (gradient,) = torch.autograd.grad(loss, x)
                     x.grad = gradient
                     optimizer.step()

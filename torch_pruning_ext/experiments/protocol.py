@@ -27,7 +27,8 @@ from ..optimal_transport import OptimalTransport
 from ..bn_folding import fold_batchnorms
 from ..pruner import IntraFusionPruner, channel_origin
 from ..compress import check_schedule
-from ..reconstruction import fused_row_maps, repair_by_reconstruction
+from ..reconstruction import (RECONSTRUCT_COST, check_reconstruct_options, fused_row_maps,
+                              repair_by_reconstruction)
 from ..repair import (DATA_MODES, batchnorm_sources, check_mode as check_repair, layer_statistics,
                       repair_variance, repair_with_data, repair_without_data)
 from ..serialization import save_pruned
@@ -68,6 +69,8 @@ class Settings:
     # where a data repair's unlabelled inputs come from: None = real training images (the default),
     # "synthetic" = synthesised from the model's BatchNorm statistics (no data at all)
     calibration: str | None = None
+    # reconstruct: at most this many calibration samples run at once (None = all in one pass)
+    repair_batch_size: int | None = None
 
     def __post_init__(self):
         # numbers are stored as floats so that "--p 1" and the default name the same settings
@@ -80,6 +83,7 @@ class Settings:
         check_choice(self.calibration or "data", CALIBRATIONS, "calibration")
         if self.calibration == "data":
             object.__setattr__(self, "calibration", None)
+        check_repair_batch_size(self.repair_batch_size, [self.repair])
 
     def transport(self) -> OptimalTransport:
         return OptimalTransport(p=self.p, source_prob=self.source_prob, target_prob=self.target_prob,
@@ -139,6 +143,14 @@ def repair_images(pool, info, count: int, seed: int) -> torch.Tensor:
         raise ValueError(f"--repair-samples {count} is more than the {len(pool)} calibration images available")
     order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))[:count]
     return normalize(pool.images[order], info)
+
+
+def check_repair_batch_size(batch_size: int | None, repairs) -> None:
+    """Before any work: a reconstruction batch size is a positive integer, for a run that reconstructs."""
+    check_reconstruct_options(batch_size, None, RECONSTRUCT_COST)
+    if batch_size is not None and "reconstruct" not in repairs:
+        raise ValueError(f"--repair-batch-size {batch_size} applies to --repair reconstruct only, not "
+                         f"{' '.join(repairs)}")
 
 
 def check_calibration(calibration: str, repairs, criteria) -> None:
@@ -318,7 +330,8 @@ class Protocol:
         if self.settings.repair == "reconstruct":
             # each layer aims at what its channels stand for after the method: fused rows where fused
             repair_by_reconstruction(self.folded, model, channel_origin(results), self.repair_inputs,
-                                     row_maps=fused_row_maps(self.folded, results), seed=self.settings.seed)
+                                     row_maps=fused_row_maps(self.folded, results), seed=self.settings.seed,
+                                     batch_size=self.settings.repair_batch_size)
         elif self.settings.repair in DATA_MODES:
             layers = sorted({name for r in results for name in r.producers + r.consumers})
             downstream = [name for name, module in model.named_modules() if isinstance(module, ROOT_TYPES)
