@@ -33,23 +33,29 @@ from torch_pruning_ext.experiments.protocol import Settings, pruned_file_name  #
 from torch_pruning_ext.serialization import load_pruned  # noqa: E402
 
 METHODS = ["default", "intra_fusion", "intra_fusion_fp", "fold"]
-REPAIRS = ["none", "datafree", "variance", "data", "data_downstream", "reconstruct"]
+REPAIRS = ["none", "datafree", "variance", "data", "data_downstream", "reconstruct", "reconstruct, 256 synthetic",
+           "reconstruct, 1024 synthetic"]  # the last two: no data at all (--calibration synthetic)
 LABELS = LABELS | {"fold": "Model Folding (k-means)"}
 SHAPE_KEYS = ["model", "sparsity", "schedule", "max_layer_sparsity"]  # what fixes a pruned architecture
 LATENCY_FIELDS = SHAPE_KEYS + ["batch", "median_ms", "p10_ms", "p90_ms"]
 MARKERS = {"default": "o", "intra_fusion": "s", "intra_fusion_fp": "D", "fold": "^", "finetune": "*"}
 COLOURS = {"none": "#7f7f7f", "datafree": "#9467bd", "variance": "#ff7f0e", "data": "#1f77b4",
-           "data_downstream": "#17becf", "reconstruct": "#d62728", "finetune": "#2ca02c"}
+           "data_downstream": "#17becf", "reconstruct": "#d62728", "reconstruct, 256 synthetic": "#e377c2",
+           "reconstruct, 1024 synthetic": "#8c564b", "finetune": "#2ca02c"}
 SPREAD = 0.05  # horizontal offset between methods (log scale), so markers at one MACs value stay visible
 
 
 def load(paths) -> pd.DataFrame:
     data = pd.concat([pd.read_csv(p, dtype={"group": str}) for p in paths], ignore_index=True)
     for column, default in (("repair", "none"), ("schedule", "uniform"), ("finetune_epochs", 0.0),
-                            ("max_layer_sparsity", "")):
+                            ("max_layer_sparsity", ""), ("calibration", ""), ("repair_samples", "")):
         if column not in data.columns:
             data[column] = default
     data["repair"] = data["repair"].fillna("none")
+    # a repair on synthesised inputs is its own column: "reconstruct, 1024 synthetic"
+    synthetic = data["calibration"].fillna("") == "synthetic"
+    samples = data["repair_samples"].map(lambda v: "1024" if pd.isna(v) or v == "" else f"{int(float(v))}")
+    data.loc[synthetic, "repair"] = data.loc[synthetic, "repair"] + ", " + samples[synthetic] + " synthetic"
     data["schedule"] = data["schedule"].fillna("uniform")
     data["max_layer_sparsity"] = data["max_layer_sparsity"].map(lambda v: "" if pd.isna(v) or v == "" else f"{float(v):g}")
     data["finetune_epochs"] = data["finetune_epochs"].fillna(0.0).astype(float)
@@ -66,8 +72,8 @@ def shape_key(row) -> tuple:
 def measure_latency(data: pd.DataFrame, pruned_dir: Path, batches, repeats: int) -> list[dict]:
     """Median CPU latency (eager PyTorch, inference mode) of one saved model per pruned architecture."""
     rows = []
-    cells = data[(data["method"] == "default") & (data["finetune_epochs"] == 0)].drop_duplicates(
-        subset=SHAPE_KEYS)
+    cells = data[(data["method"] == "default") & (data["finetune_epochs"] == 0)
+                 & (data["calibration"].fillna("") != "synthetic")].drop_duplicates(subset=SHAPE_KEYS)
     for _, row in cells.iterrows():
         cap = float(row["max_layer_sparsity"]) if row["max_layer_sparsity"] else None
         settings = Settings(row["model"], row["dataset"], "l1", repair=row["repair"],
@@ -142,7 +148,7 @@ def model_section(name: str, table: pd.DataFrame, latency: dict) -> list[str]:
         parts += [f"### s={sparsity:g}, {variant_label(schedule, cap)}: {row['params'] / 1e6:.2f} M parameters "
                   f"({100 * row['params'] / base_params:.0f}%), {row['macs'] / 1e6:.1f} M MACs "
                   f"({100 * row['macs'] / base_macs:.0f}%){timing}", ""]
-        repairs = [r for r in REPAIRS if r in set(cells["repair"])]
+        repairs = [r for r in REPAIRS if r in set(cells["repair"])] + sorted(set(cells["repair"]) - set(REPAIRS))
         parts += ["| method | " + " | ".join(f"repair {r}" for r in repairs) + " |", "|---|" + "---|" * len(repairs)]
         for method in [m for m in METHODS if m in set(cells["method"])]:
             values = []

@@ -15,9 +15,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from .checks import check_choice
 from .modes import as_fast_input, eval_mode, fast_layout
 
-SYNTHETIC_SAMPLES = 256  # inputs synthesised by default: 1024 cost 4x the time for little gain
+SYNTHETIC_SAMPLES = 256  # inputs synthesised by default by compress(): 1024 cost 4x the time
 
 
 @dataclass
@@ -39,30 +40,35 @@ def _batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
             and m.running_mean is not None and m.running_var is not None]
 
 
-def _statistics_mismatch(captured: dict, batchnorms) -> torch.Tensor:
-    losses = []
+def _batch_moments(captured: dict, batchnorms) -> list[tuple]:
+    """(batch mean, batch variance, BatchNorm) per BatchNorm, in float32, from the inputs it received."""
+    moments = []
     for bn in batchnorms:
         x = captured[bn].float()
         dims = [0] + list(range(2, x.dim()))
-        mean, var = x.mean(dims), x.var(dims, unbiased=False)
-        losses.append(((mean - bn.running_mean) ** 2).sum() + ((var - bn.running_var) ** 2).sum())
-    return torch.stack(losses).mean()
+        var, mean = torch.var_mean(x, dims, unbiased=False)
+        moments.append((mean, var, bn))
+    return moments
 
 
-def _divergence(captured: dict, batchnorms) -> torch.Tensor:
+def _squared_errors(moments) -> torch.Tensor:
+    """Mean over BatchNorms of the summed squared errors of the means and variances (ZeroQ's loss;
+    also what the report shows, whatever the objective)."""
+    return torch.stack([((mean - bn.running_mean) ** 2).sum() + ((var - bn.running_var) ** 2).sum()
+                        for mean, var, bn in moments]).mean()
+
+
+def _divergence(moments) -> torch.Tensor:
     """Mean over BatchNorms and channels of KL(batch Gaussian || running Gaussian): scale-free, so
-    every layer and channel counts alike (the squared mismatch is dominated by the widest variances)."""
+    every layer and channel counts alike (the squared errors are dominated by the widest variances)."""
     losses = []
-    for bn in batchnorms:
-        x = captured[bn].float()
-        dims = [0] + list(range(2, x.dim()))
-        mean, var = x.mean(dims), x.var(dims, unbiased=False) + bn.eps
-        running = bn.running_var + bn.eps
+    for mean, var, bn in moments:
+        var, running = var + bn.eps, bn.running_var + bn.eps
         losses.append((0.5 * (torch.log(running / var) + (var + (mean - bn.running_mean) ** 2) / running - 1)).mean())
     return torch.stack(losses).mean()
 
 
-OBJECTIVES = {"moments": _statistics_mismatch, "kl": _divergence}
+OBJECTIVES = {"moments": _squared_errors, "kl": _divergence}
 
 
 def _roughness(x: torch.Tensor) -> torch.Tensor:
@@ -72,14 +78,18 @@ def _roughness(x: torch.Tensor) -> torch.Tensor:
 
 
 def synthesize_calibration(model: nn.Module, example_inputs: torch.Tensor, n: int = SYNTHETIC_SAMPLES,
-                           iterations: int = 100, lr: float = 0.1, batch_size: int = 256, seed: int = 0,
-                           jitter: int = 2, smoothness: float = 0.01, objective: str = "moments", bfloat16: bool = False,
+                           iterations: int = 50, lr: float = 0.5, batch_size: int = 256, seed: int = 0,
+                           jitter: int = 2, smoothness: float = 0.01, objective: str = "kl", bfloat16: bool = False,
                            max_seconds: float | None = None,
                            progress=None) -> tuple[torch.Tensor, SynthesisReport]:
     """`n` inputs shaped like one sample of `example_inputs`, optimised (Adam, cosine learning rate,
     `iterations` steps per batch of `batch_size`) so that each BatchNorm's batch mean and variance
     match its running statistics, with random shifts of up to `jitter` along the last dimensions and
-    a `smoothness` prior. Seeded: the same seed gives the same inputs. `max_seconds` bounds the time:
+    a `smoothness` prior. objective: "kl" (the Gaussian divergence per channel, scale-free) or
+    "moments" (ZeroQ's squared errors of means and variances); the defaults are what
+    scripts/synthesis_study.py measured best per second (docs/WHOLE.md). bfloat16=True runs the model
+    under bfloat16 autocast: about 2x faster where the hardware has it, the statistics stay float32.
+    Seeded: the same seed gives the same inputs (on one machine). `max_seconds` bounds the time:
     the batch under way stops where it is and later batches are left out (the report says how many
     inputs came back); progress(done, total) is called per step.
     The model is not changed (it runs in eval mode; only the inputs get gradients)."""
@@ -87,6 +97,7 @@ def synthesize_calibration(model: nn.Module, example_inputs: torch.Tensor, n: in
         raise ValueError("synthetic calibration needs example_inputs as one floating-point tensor, got "
                          f"{type(example_inputs).__name__}" + (f" of dtype {example_inputs.dtype}"
                                                                   if isinstance(example_inputs, torch.Tensor) else ""))
+    check_choice(objective, OBJECTIVES, "synthesis objective")
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"the number of synthetic inputs must be a positive integer, got {n!r}")
     batchnorms = _batchnorms(model)
@@ -118,13 +129,13 @@ def synthesize_calibration(model: nn.Module, example_inputs: torch.Tensor, n: in
                     moved = torch.roll(x, shifts, tuple(range(x.dim() - len(shifts), x.dim()))) if jitter else x
                     with torch.enable_grad(), torch.autocast(x.device.type, torch.bfloat16, enabled=bfloat16):
                         model(moved)
-                        mismatch = _statistics_mismatch(captured, batchnorms)
-                        fit = mismatch if objective == "moments" else OBJECTIVES[objective](captured, batchnorms)
-                        loss = fit + smoothness * _roughness(x)
+                        moments = _batch_moments(captured, batchnorms)
+                        loss = OBJECTIVES[objective](moments) + smoothness * _roughness(x)
                         (gradient,) = torch.autograd.grad(loss, x)
                     x.grad = gradient
                     optimizer.step()
-                    last = float(mismatch.detach())
+                    with torch.no_grad():
+                        last = float(_squared_errors(moments))
                     first = last if first is None else first
                     done += 1
                     if progress is not None:
