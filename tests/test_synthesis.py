@@ -76,3 +76,16 @@ def test_compress_with_synthetic_calibration_reconstructs_without_data():
     assert summary.channels["3"] == [8, 4] and small(example).shape == (1, 4)
     with pytest.raises(ValueError, match="unknown calibration 'synthetc'"):
         compress(model, example, calibration="synthetc")
+
+
+@pytest.mark.parametrize("options", [{"objective": "moments"}, {"objective": "kl", "bfloat16": True}])
+def test_each_objective_and_bfloat16_match_the_statistics(options):
+    model, example = bn_net(), torch.randn(1, 3, 8, 8)
+    inputs, report = synthesize_calibration(model, example, n=48, iterations=60, batch_size=24, lr=0.1, **options)
+    assert inputs.dtype == torch.float32 and inputs.is_contiguous()
+    assert mismatch(model, inputs) < 0.2 * mismatch(model, torch.randn(48, 3, 8, 8))
+
+
+def test_unknown_objective_is_refused_before_any_work():
+    with pytest.raises(ValueError, match="unknown synthesis objective 'l2'; choose one of: moments, kl"):
+        synthesize_calibration(bn_net(), torch.randn(1, 3, 8, 8), objective="l2")
