@@ -218,3 +218,42 @@ def test_variance_repair_leaves_twins_alone_and_restores_orthogonal_merges():
     assert torch.allclose(pruned.conv.weight[0], scale * merged_w[0])
     assert torch.allclose(pruned.conv.bias[0], scale * merged_b[0] + (1 - scale) * centre)
     assert torch.allclose(pruned.conv.weight[1], merged_w[1]) and torch.allclose(pruned.conv.bias[1], merged_b[1])
+
+
+class TokenNet(nn.Module):
+    """Token ids and an attention mask as keyword inputs, a dict as output (a Hugging Face-style call)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(50, 16)
+        self.fc1, self.fc2, self.head = nn.Linear(16, 32), nn.Linear(32, 16), nn.Linear(16, 5)
+
+    def forward(self, input_ids, attention_mask):
+        hidden = self.fc2(torch.relu(self.fc1(self.embed(input_ids))))
+        mask = attention_mask.unsqueeze(-1).float()
+        return {"logits": self.head((hidden * mask).sum(1) / mask.sum(1))}
+
+
+def test_keyword_inputs_calibrate_reconstruct_and_rank(capsys):
+    torch.manual_seed(0)
+    model = TokenNet().eval()
+    ids, mask = torch.randint(0, 50, (64, 12)), (torch.rand(64, 12) > 0.2).long()
+    mask[:, 0] = 1
+    batch = {"input_ids": ids, "attention_mask": mask}
+    example = {"input_ids": ids[:1], "attention_mask": mask[:1]}
+
+    def error(small):
+        with torch.no_grad():
+            return float((small(**batch)["logits"] - model(**batch)["logits"]).abs().mean())
+    plain, summary = compress(model, example, 0.5, "fold", repair="none")
+    refit, _ = compress(model, example, 0.5, "fold", batch)  # one dict of tensors
+    chunks = [{key: value[i:i + 16] for key, value in batch.items()} for i in range(0, 64, 16)]
+    streamed, _ = compress(model, example, 0.5, "fold", iter(chunks))  # a loader of dict batches
+    assert summary.channels == {"fc1": [32, 16], "fc2": [16, 8], "head": [5, 5]}
+    assert error(refit) < 0.5 * error(plain)
+    assert torch.equal(refit.fc1.weight, streamed.fc1.weight) and torch.equal(refit.fc2.weight, streamed.fc2.weight)
+    ranked, _ = compress(model, example, 0.5, "default", batch, importance="taylor")  # labels: its own predictions
+    assert ranked.fc1.out_features == 16
+    assert capsys.readouterr().out == ""  # the library prints nothing (torch-pruning's counter notes included)
+    with pytest.raises(ValueError, match=r"calibration: the model does not run on inputs shaped \{input_ids: 4x12\}"):
+        compress(model, example, 0.5, "fold", {"input_ids": ids[:4]})

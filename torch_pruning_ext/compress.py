@@ -7,7 +7,9 @@ reported through the optional `progress(done, total)` callback.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -20,7 +22,8 @@ from .methods import check_method, method_plan
 from .modes import eval_mode
 from .pruner import IntraFusionPruner, channel_origin, check_sparsity
 from .importance import build_importance, needs_data
-from .inputs import first_line, run_model, shape_text, tensors_of
+from .inputs import (batch_length, concatenate, first_line, map_tensors, run_model, shape_text, take,
+                     tensors_of)
 from .synthesis import SYNTHETIC_SAMPLES, synthesize_calibration
 from .reconstruction import RECONSTRUCT_COST, check_reconstruct_options, fused_row_maps, repair_by_reconstruction
 from .repair import (DATA_MODES, REPAIR_MODES, batchnorm_sources, repair_variance, repair_with_data,
@@ -73,27 +76,30 @@ class CompressionSummary:
         return asdict(self) | {"params_ratio": self.params_ratio, "macs_ratio": self.macs_ratio}
 
 
-def calibration_batches(calibration, limit: int = CALIBRATION_SAMPLES) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-    """Up to `limit` samples as (inputs, labels or None) batches, from a tensor, or from an iterable
-    (e.g. a DataLoader) of tensors or of (inputs, labels, ...) tuples."""
-    if isinstance(calibration, torch.Tensor):
-        batches = [(calibration[:limit], None)]
+def calibration_batches(calibration, limit: int = CALIBRATION_SAMPLES) -> list[tuple]:
+    """Up to `limit` samples as (inputs, labels or None) batches, from a tensor or a dict of tensors
+    (keyword inputs such as token ids and an attention mask), or from an iterable (e.g. a DataLoader)
+    of tensors, of dicts, or of (inputs, labels, ...) tuples."""
+    if isinstance(calibration, (torch.Tensor, dict)):
+        batches = [(take(calibration, slice(0, limit)), None)]
     else:
         if isinstance(calibration, (str, bytes)) or not hasattr(calibration, "__iter__"):
-            raise TypeError(f"calibration must be a tensor or an iterable of batches, got {type(calibration).__name__}")
+            raise TypeError("calibration must be a tensor, a dict of tensors or an iterable of batches, got "
+                            f"{type(calibration).__name__}")
         batches, count = [], 0
         for batch in calibration:
             inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
             labels = batch[1] if isinstance(batch, (tuple, list)) and len(batch) > 1 else None
-            if not isinstance(inputs, torch.Tensor):
-                raise TypeError(f"calibration batches must be tensors or (inputs, ...) tuples, got "
+            if not isinstance(inputs, (torch.Tensor, dict)) or not tensors_of(inputs):
+                raise TypeError(f"calibration batches must be tensors, dicts of tensors or (inputs, ...) tuples, got "
                                 f"{type(inputs).__name__}")
-            take = limit - count
-            batches.append((inputs[:take], labels[:take] if isinstance(labels, torch.Tensor) else None))
-            count += len(batches[-1][0])
+            take_count = limit - count
+            batches.append((take(inputs, slice(0, take_count)),
+                            labels[:take_count] if isinstance(labels, torch.Tensor) else None))
+            count += batch_length(batches[-1][0])
             if count >= limit:
                 break
-    if sum(len(inputs) for inputs, _ in batches) == 0:
+    if sum(batch_length(inputs) for inputs, _ in batches) == 0:
         raise ValueError("calibration data is empty")
     return batches
 
@@ -113,7 +119,7 @@ def _check_inputs(model: nn.Module, inputs, what: str, example: torch.Tensor | N
     if example is not None and isinstance(inputs, torch.Tensor) and example.is_floating_point() \
             and not inputs.is_floating_point():
         raise ValueError(f"{what} has dtype {inputs.dtype}, the example inputs {example.dtype}")
-    trial = inputs[:2] if example is not None and isinstance(inputs, torch.Tensor) else inputs
+    trial = take(inputs, slice(0, 2)) if example is not None else inputs
     try:
         with eval_mode(model), torch.no_grad():
             run_model(model, trial)
@@ -122,11 +128,12 @@ def _check_inputs(model: nn.Module, inputs, what: str, example: torch.Tensor | N
                          f"{first_line(error)}") from None
 
 
-def _concatenated(batches) -> torch.Tensor:
-    shapes = {tuple(inputs.shape[1:]) for inputs, _ in batches}
+def _concatenated(batches):
+    """The calibration batches as one batch; their samples must have one shape (per tensor of a dict)."""
+    shapes = {shape_text(map_tensors(inputs, lambda t: t[0] if t.dim() else t)) for inputs, _ in batches}
     if len(shapes) > 1:
-        raise ValueError(f"calibration batches hold samples of different shapes: {sorted(shapes)}")
-    return torch.cat([inputs for inputs, _ in batches])
+        raise ValueError(f"calibration batches hold samples of different shapes: {', '.join(sorted(shapes))}")
+    return concatenate([inputs for inputs, _ in batches])
 
 
 def _check_finite_outputs(model: nn.Module, inputs, stage: str) -> None:
@@ -141,13 +148,20 @@ def _labelled(model: nn.Module, batches, chunk: int = 64) -> list[tuple[torch.Te
     model's own predictions (argmax of its first output), so no labels are needed."""
     labelled = []
     for inputs, labels in batches:
-        for start in range(0, len(inputs), chunk):
-            part = inputs[start:start + chunk]
+        for start in range(0, batch_length(inputs), chunk):
+            part = take(inputs, slice(start, start + chunk))
             if labels is None:
                 with eval_mode(model), torch.no_grad():
                     predicted = tensors_of(run_model(model, part))[0].argmax(dim=-1)
             labelled.append((part, labels[start:start + chunk] if labels is not None else predicted))
     return labelled
+
+
+def _count(model: nn.Module, example_inputs) -> tuple:
+    """(MACs, parameters) by torch-pruning's counter, whose notes on keyword-only inputs go nowhere:
+    library code does not print."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        return tp.utils.count_ops_and_params(model, example_inputs)
 
 
 def _out_channels(model: nn.Module) -> dict[str, int]:
@@ -208,7 +222,7 @@ def compress(model: nn.Module, example_inputs: torch.Tensor, sparsity: float = 0
                          "(inputs, labels) batches; without labels the model's own predictions are used)")
     importance_batches = _labelled(model, batches, IMPORTANCE_SAMPLES) if needs_data(criterion) else None
     with eval_mode(model), torch.no_grad():
-        macs_before, params_before = tp.utils.count_ops_and_params(model, example_inputs)
+        macs_before, params_before = _count(model, example_inputs)
         channels_before = _out_channels(model)
     unfolded = (copy.deepcopy(model) if inplace else model) if repair in ("datafree", "variance") else None
     target = model if inplace else copy.deepcopy(model)
@@ -238,7 +252,7 @@ def compress(model: nn.Module, example_inputs: torch.Tensor, sparsity: float = 0
         repair_variance(unfolded, folded, target, results, bn_of, after_relu)
     _check_finite_outputs(target, example_inputs, f"pruning and the {repair!r} repair")
     with eval_mode(target), torch.no_grad():
-        macs_after, params_after = tp.utils.count_ops_and_params(target, example_inputs)
+        macs_after, params_after = _count(target, example_inputs)
     after = _out_channels(target)
     summary = CompressionSummary(
         method, sparsity, schedule, repair, int(params_before), int(params_after), int(macs_before),

@@ -17,6 +17,7 @@ import torch_pruning as tp
 from torch_pruning.pruner import function as fn
 
 from .modes import eval_mode
+from .inputs import map_tensors, run_model, tensors_of
 
 CRITERIA = ("l1", "l2", "linf", "taylor", "lamp", "random", "chip", "taylor_fm", "thinet", "gate")
 DATA_CRITERIA = ("taylor", "chip", "taylor_fm", "thinet")  # these need calibration batches
@@ -126,14 +127,18 @@ def _producers(group):
 
 
 def _run_batches(model: nn.Module, batches, with_grad: bool) -> None:
+    """Run the (inputs, labels) batches; with_grad: back-propagate the cross-entropy of the model's
+    first output (logits per sample, or per token: (batch, tokens, classes) against (batch, tokens))."""
     device = next(model.parameters()).device
     with eval_mode(model):
         for inputs, labels in batches:
+            inputs = map_tensors(inputs, lambda t: t.to(device))
             if with_grad:
-                F.cross_entropy(model(inputs.to(device)), labels.to(device)).backward()
+                logits = tensors_of(run_model(model, inputs))[0]
+                F.cross_entropy(logits.flatten(0, -2), labels.to(device).flatten()).backward()
             else:
                 with torch.no_grad():
-                    model(inputs.to(device))
+                    run_model(model, inputs)
 
 
 class FeatureMapTaylorImportance(tp.importance.Importance):

@@ -2,7 +2,9 @@
 its outputs that a pruned copy must match.
 
 A batch is a tensor (one positional input), a tuple or list (positional inputs) or a dict (keyword
-inputs). An output is a tensor, or any nesting of tuples, lists and dicts of tensors.
+inputs, e.g. {"input_ids": ..., "attention_mask": ...}); its tensors share the sample dimension 0,
+anything else in it (None, flags) is passed along unchanged. An output is a tensor, or any nesting of
+tuples, lists and dicts of tensors (a Hugging Face ModelOutput is a dict).
 """
 from __future__ import annotations
 
@@ -17,6 +19,46 @@ def run_model(model: nn.Module, inputs):
     if isinstance(inputs, (list, tuple)):
         return model(*inputs)
     return model(inputs)
+
+
+def map_tensors(inputs, function):
+    """The batch with `function` applied to each of its tensors (same structure)."""
+    if isinstance(inputs, torch.Tensor):
+        return function(inputs)
+    if isinstance(inputs, dict):
+        return {key: map_tensors(value, function) for key, value in inputs.items()}
+    if isinstance(inputs, (list, tuple)):
+        return type(inputs)(map_tensors(item, function) for item in inputs)
+    return inputs
+
+
+def batch_length(inputs) -> int:
+    """Samples in a batch: the length of its first tensor's dimension 0."""
+    tensors = [t for t in tensors_of(inputs) if t.dim() > 0]
+    if not tensors:
+        raise ValueError(f"a batch needs at least one tensor with a sample dimension, got {shape_text(inputs)}")
+    return len(tensors[0])
+
+
+def take(inputs, index):
+    """The samples `index` (a slice or an index tensor) of every tensor in a batch."""
+    def part(tensor):
+        if tensor.dim() == 0:
+            return tensor
+        return tensor[index.to(tensor.device) if isinstance(index, torch.Tensor) else index]
+    return map_tensors(inputs, part)
+
+
+def concatenate(batches: list):
+    """One batch from batches of the same structure, their tensors joined along dimension 0."""
+    first = batches[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(batches)
+    if isinstance(first, dict):
+        return {key: concatenate([batch[key] for batch in batches]) for key in first}
+    if isinstance(first, (list, tuple)):
+        return type(first)(concatenate(list(items)) for items in zip(*batches))
+    return first
 
 
 def shape_text(inputs) -> str:

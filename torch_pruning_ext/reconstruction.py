@@ -26,6 +26,7 @@ import torch.nn as nn
 
 from .checks import check_choice
 from .groups import ROOT_TYPES, out_channels
+from .inputs import batch_length, map_tensors, run_model, take
 from .modes import as_fast_input, eval_mode, fast_layout
 from .patches import (PATCH_TYPES, lag_kernel, output_map, output_rows, padded_input, patch_cross, patch_gram,
                       patch_rows, positions_per_sample, rows_to_weight, samples_of, weight_rows)
@@ -373,7 +374,7 @@ class _Layout:
         handles = [modules[name].register_forward_pre_hook(self._enter(name), with_kwargs=True) for name in names] + \
             [modules[name].register_forward_hook(self._leave(name)) for name in names]
         try:
-            model(example)
+            run_model(model, example)
         finally:
             for handle in handles:
                 handle.remove()
@@ -411,7 +412,7 @@ class _OriginalSide:
         for inputs in iter(self.jobs.get, None):
             try:
                 with torch.no_grad():
-                    self.model(inputs)
+                    run_model(self.model, inputs)
             except _Stop:
                 pass
             except BaseException as error:  # noqa: BLE001 - handed to the caller's thread
@@ -431,7 +432,7 @@ class _OriginalSide:
             return None
         return offer
 
-    def start(self, names: list[str], inputs: torch.Tensor) -> None:
+    def start(self, names: list[str], inputs) -> None:
         """Begin a pass of the original over `inputs`, stopping before each of `names`."""
         self.stopped, self.error, self.offered, self.waiting = False, None, set(), None
         self.handles = [self.modules[name].register_forward_pre_hook(self._offer(name), with_kwargs=True)
@@ -492,7 +493,7 @@ def _return_freed_memory() -> None:
         _TRIM(0)
 
 
-def _paired_pass(side: _OriginalSide, pruned: nn.Module, names: list[str], inputs: torch.Tensor, visit) -> None:
+def _paired_pass(side: _OriginalSide, pruned: nn.Module, names: list[str], inputs, visit) -> None:
     """Run both models on `inputs`, calling visit(name, layer, pruned_in, original_in) just before each
     named layer (in run order) of the pruned model runs; ends after the last of them."""
     pending, layers = set(names), dict(pruned.named_modules())
@@ -519,7 +520,7 @@ def _paired_pass(side: _OriginalSide, pruned: nn.Module, names: list[str], input
     handles = [layers[name].register_forward_pre_hook(before(name), with_kwargs=True) for name in names]
     side.start(names, inputs)
     try:
-        pruned(inputs)
+        run_model(pruned, inputs)
     except _Stop:
         pass
     finally:
@@ -531,12 +532,14 @@ def _paired_pass(side: _OriginalSide, pruned: nn.Module, names: list[str], input
 
 @torch.no_grad()
 def repair_by_reconstruction(original: nn.Module, pruned: nn.Module, channel_origin: dict[str, torch.Tensor],
-                             inputs: torch.Tensor, ridge: float = RECONSTRUCT_RIDGE, intercept: bool = True,
+                             inputs, ridge: float = RECONSTRUCT_RIDGE, intercept: bool = True,
                              space: str = "output", skip=(), seed: int = 0,
                              row_maps: dict[str, torch.Tensor] | None = None, cost: float = RECONSTRUCT_COST,
                              memory_budget: int | None = None, batch_size: int | None = None) -> dict[str, dict]:
     """Refit every Conv/Linear layer of `pruned` (in place) so that, from the pruned model's own inputs,
-    it reproduces what the same layer of `original` outputs for the channels it keeps.
+    it reproduces what the same layer of `original` outputs for the channels it keeps. `inputs`: the
+    calibration batch, a tensor or a tuple/dict of tensors sharing the sample dimension (token ids with
+    an attention mask), run as model(x), model(*x) or model(**x).
 
     space="output" (default): the weight W' and bias minimising |W' U' + b - W U|^2 + lambda |W' - W0|^2
     over sampled output positions, U / U' the patches the layer reads in the original / pruned model,
@@ -560,12 +563,12 @@ def repair_by_reconstruction(original: nn.Module, pruned: nn.Module, channel_ori
     layers = {name: module for name, module in pruned.named_modules() if isinstance(module, ROOT_TYPES)}
     reference = dict(original.named_modules())
     names = [name for name in layers if name not in skip and name in reference]
-    inputs = as_fast_input(inputs, inputs.device)  # channels_last: oneDNN's fastest CPU convolutions
-    count = len(inputs)
+    inputs = map_tensors(inputs, lambda t: as_fast_input(t, t.device))  # channels_last: oneDNN's fastest CPU convolutions
+    count = batch_length(inputs)
     batch = count if batch_size is None else min(batch_size, count)
     report: dict[str, dict] = {}
     with eval_mode(original), eval_mode(pruned), fast_layout(original), fast_layout(pruned):
-        layout = _Layout(original, names, inputs[:1])
+        layout = _Layout(original, names, take(inputs, slice(0, 1)))
         side = _OriginalSide(original)
         share = sum(layout.macs.values()) / max(1, len(layout.order))
 
@@ -598,7 +601,7 @@ def repair_by_reconstruction(original: nn.Module, pruned: nn.Module, channel_ori
         # one pass over `batch` samples (all of them, or a random subset) refits every layer in run order
         # until one wants more samples than that; the rest are refitted one streamed pass each
         subset = _chosen(count, batch, generator)
-        first = inputs if subset is None else inputs[subset.to(inputs.device)]
+        first = inputs if subset is None else take(inputs, subset)
         deferred: list[str] = []
 
         def refit_now(name, layer, pruned_in, original_in):
@@ -606,10 +609,10 @@ def repair_by_reconstruction(original: nn.Module, pruned: nn.Module, channel_ori
             if kind == "skip":
                 report[name] = {"mode": "skipped (grouped convolution)"}
                 return
-            if samples > len(first):
+            if samples > batch_length(first):
                 deferred.extend(layout.order[layout.order.index(name):])
                 raise _Stop
-            fit = make(name, layer, kind, detail, pruned_in, original_in, _chosen(len(first), samples, generator))
+            fit = make(name, layer, kind, detail, pruned_in, original_in, _chosen(batch_length(first), samples, generator))
             fit.add(pruned_in, original_in, 0)
             report[name] = fit.apply()
 
@@ -629,7 +632,7 @@ def repair_by_reconstruction(original: nn.Module, pruned: nn.Module, channel_ori
 
                 chosen = _chosen(count, samples, generator)
                 for part in (torch.arange(count) if chosen is None else chosen).split(batch):
-                    _paired_pass(side, pruned, [name], inputs[part.to(inputs.device)], accumulate)
+                    _paired_pass(side, pruned, [name], take(inputs, part), accumulate)
                 report[name] = fits[0].apply()
         finally:
             side.close()

@@ -27,6 +27,7 @@ import torch.nn as nn
 from .modes import eval_mode
 from .checks import check_choice
 from .groups import out_channels
+from .inputs import batch_length, run_model, take
 
 REPAIR_MODES = ("none", "data", "data_downstream", "datafree", "variance", "reconstruct")
 DATA_MODES = ("data", "data_downstream", "reconstruct")  # the modes that need unlabelled images
@@ -59,7 +60,7 @@ def _mean_std(total, squares, count) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.inference_mode()
-def layer_statistics(model: nn.Module, names: list[str], inputs: torch.Tensor,
+def layer_statistics(model: nn.Module, names: list[str], inputs,
                      batch_size: int = 256) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Per-output-channel mean and std of the named layers over `inputs` (eval mode); layers that
     never run are left out."""
@@ -75,8 +76,8 @@ def layer_statistics(model: nn.Module, names: list[str], inputs: torch.Tensor,
     handles = [modules[name].register_forward_hook(hook(name)) for name in names]
     try:
         with eval_mode(model):
-            for start in range(0, inputs.shape[0], batch_size):
-                model(inputs[start:start + batch_size])
+            for start in range(0, batch_length(inputs), batch_size):
+                run_model(model, take(inputs, slice(start, start + batch_size)))
     finally:
         for handle in handles:
             handle.remove()
@@ -106,7 +107,7 @@ def _correction(mean_p, std_p, mean_o, std_o):
 
 @torch.no_grad()
 def repair_with_data(original: nn.Module, pruned: nn.Module, layers: list[str],
-                     channel_origin: dict[str, torch.Tensor], inputs: torch.Tensor, batch_size: int = 256,
+                     channel_origin: dict[str, torch.Tensor], inputs, batch_size: int = 256,
                      downstream=(), reference_stats: dict | None = None) -> None:
     """Match each named layer's output statistics in `pruned` to those of `original` (same names).
 
@@ -144,7 +145,7 @@ def repair_with_data(original: nn.Module, pruned: nn.Module, layers: list[str],
     handles = [modules[name].register_forward_hook(hook(name), with_kwargs=True) for name in reference]
     try:
         with eval_mode(pruned):
-            pruned(inputs)
+            run_model(pruned, inputs)
     except _AllRepaired:
         pass
     finally:
