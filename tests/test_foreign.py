@@ -236,3 +236,24 @@ def test_a_frozen_model_is_pruned_like_a_trainable_one():
     reference, _ = compress(model, example, 0.5, method="default", repair="none")
     assert summary.channels["3"] == [16, 8] and torch.equal(small(example), reference(example))
     assert not any(p.requires_grad for p in frozen.parameters())
+
+
+class CachedOutputs(nn.Module):
+    """Returns what a Hugging Face model does: a dict with logits, a nested tuple of tensors that
+    autograd cannot trace back (a cache) and a plain object."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 3)
+
+    def forward(self, x):
+        hidden = torch.relu(self.fc1(x))
+        return {"logits": self.fc2(hidden), "past": ((x.detach() * 2,),), "config": "cfg"}
+
+
+def test_outputs_with_untraceable_parts_are_traced_through_their_tensors():
+    torch.manual_seed(0)
+    model = CachedOutputs().eval()
+    small, summary = compress(model, torch.randn(1, 8), 0.5, "fold", repair="none")
+    assert summary.channels["fc1"] == [16, 8]
+    assert small(torch.randn(2, 8))["logits"].shape == (2, 3)

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 
-from .inputs import first_line, run_model, shape_text
+from .inputs import first_line, run_model, shape_text, tensors_of
 from .modes import eval_mode
 
 ROOT_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
@@ -121,6 +121,12 @@ def _all_requiring_grad(model: nn.Module):
             parameter.requires_grad_(False)
 
 
+def _traced_outputs(outputs) -> list[torch.Tensor]:
+    """The output tensors autograd can trace back, from any nesting of tuples, lists and dicts (a Hugging
+    Face ModelOutput, with its cache objects left out)."""
+    return [tensor for tensor in tensors_of(outputs) if tensor.grad_fn is not None]
+
+
 def trace_graph(model: nn.Module, example_inputs) -> tp.DependencyGraph:
     """torch-pruning's dependency graph of `model`, traced in eval mode (tracing in train mode would
     update BatchNorm statistics) with autograd on (the tracer needs it, even inside torch.no_grad())."""
@@ -130,7 +136,8 @@ def trace_graph(model: nn.Module, example_inputs) -> tp.DependencyGraph:
                              f"({UNTRACEABLE[type(module).__name__]}); this model cannot be pruned structurally")
     try:
         with eval_mode(model), torch.enable_grad(), _all_requiring_grad(model):
-            return tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs, verbose=False)
+            return tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs, verbose=False,
+                                                         output_transform=_traced_outputs)
     except ZeroDivisionError as error:  # e.g. a channel shuffle (ShuffleNet): a view torch-pruning cannot map
         raise ValueError(f"torch-pruning cannot build the dependency graph of {type(model).__name__} "
                          f"(its graph build fails with ZeroDivisionError: {error}); typical of channel-shuffle "
