@@ -257,3 +257,14 @@ def test_outputs_with_untraceable_parts_are_traced_through_their_tensors():
     small, summary = compress(model, torch.randn(1, 8), 0.5, "fold", repair="none")
     assert summary.channels["fc1"] == [16, 8]
     assert small(torch.randn(2, 8))["logits"].shape == (2, 3)
+
+
+def test_protocol_rows_name_the_groups_left_unpruned():
+    from torch_pruning_ext.experiments.protocol import Protocol, Settings
+    model = Frames(permute=True)
+    inputs, labels = torch.randn(32, 16), torch.randint(0, 5, (32,))
+    protocol = Protocol(model, Settings("frames", "fashion-mnist"), inputs, labels, batch_size=16)
+    with pytest.warns(UserWarning, match="maps its channels through permute"):
+        row = protocol.run_cell("all", 0.5, "default")
+    assert row["skipped_groups"] == "0" and protocol.prepared.groups[0].root == "conv2"
+    assert protocol.run_cell("all", 0.5, "default")["skipped_groups"] == row["skipped_groups"]

@@ -362,10 +362,12 @@ class Protocol:
     def run_cell(self, group, sparsity: float, method: str) -> dict:
         """One row: `group` is an index, a list of indices, or "all" (whole-network pruning)."""
         groups = self.prepared.expand(group)
-        model, _, seconds = self.prune_copy(groups, sparsity, method)
+        model, results, seconds = self.prune_copy(groups, sparsity, method)
         label = group if isinstance(group, int) else "all" if groups == list(range(self.num_groups)) \
             else " ".join(map(str, groups))
         row = self._row(model, label, sparsity, method, seconds, groups)
+        # groups left unpruned because pruning them would break the model (the pruner warned)
+        row["skipped_groups"] = " ".join(str(r.group) for r in results if r.skipped_reason)
         if self.save_dir is not None:
             name = pruned_file_name(self.settings, str(label).replace(" ", "-"), sparsity, method)
             save_pruned(model.cpu(), Path(self.save_dir) / name, self.settings.model, int(num_outputs(model)),

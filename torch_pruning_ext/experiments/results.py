@@ -11,7 +11,7 @@ from ..files import atomic_write_text, check_writable_file, file_lock
 from .protocol import RESULT_FIELDS, Settings
 
 FORMATS = (".csv", ".json")
-METRICS = ("accuracy", "params", "macs", "prune_seconds", "dense_bytes", "peak_activation_bytes")
+METRICS = ("accuracy", "params", "macs", "prune_seconds", "dense_bytes", "peak_activation_bytes", "skipped_groups")
 
 
 def check_output_path(path: str | Path) -> Path:
