@@ -4,8 +4,9 @@
 Each variant (`--variant samples=256,iterations=50,lr=0.1`: keyword arguments of
 synthesize_calibration) synthesises inputs from a shipped checkpoint's BatchNorm statistics, then
 compresses the whole network with each method + reconstruct on them and measures test accuracy.
-Rows go to RUN_DIR/results.csv (one per variant x model x sparsity x method), which is read first so
-an interrupted study resumes; docs/WHOLE.md's data-free section quotes them.
+Rows go to --results (one per variant x model x sparsity x method), which is read first so an
+interrupted study resumes; docs/WHOLE.md's data-free section quotes them. Spell every setting out
+(defaults change as the study finds better ones).
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ FIELDS = ["model", "variant", "sparsity", "method", "accuracy", "synthesis_secon
           "mismatch_end", "compress_seconds"]
 SETTINGS = {"samples": int, "iterations": int, "lr": float, "batch_size": int, "jitter": int,
             "smoothness": float, "seed": int, "objective": str,
-            "bfloat16": lambda text: text == "1"}
+            "bfloat16": lambda text: text.lower() in ("1", "true")}
 
 
 def row_key(row: dict) -> tuple:
@@ -53,7 +54,7 @@ def variant(text: str) -> dict:
 def build_parser() -> OneLineParser:
     parser = OneLineParser(prog="synthesis_study.py", description=__doc__.splitlines()[0])
     add = parser.add_argument
-    add("--run-dir", default="runs/synthesis_study")
+    add("--results", default="docs/results/whole/synthesis_study.csv", help="CSV the rows are merged into")
     add("--models", nargs="+", default=["vgg11_bn"], choices=["vgg11_bn", "resnet18"])
     add("--variant", dest="variants", action="append", type=variant, required=True)
     add("--sparsities", nargs="+", type=sparsity, default=[0.5])
@@ -62,9 +63,7 @@ def build_parser() -> OneLineParser:
 
 
 def study(args) -> int:
-    run_dir = Path(args.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    results = run_dir / "results.csv"
+    results = Path(args.results)
     done = {row_key(row) for row in read_rows(results)}
     info = dataset_info("fashion-mnist")
     test = load_split("fashion-mnist", "test")
