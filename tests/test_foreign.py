@@ -198,12 +198,13 @@ def test_data_driven_criteria_run_through_compress_without_labels():
 
 
 def test_a_repair_that_produces_non_finite_weights_is_refused(monkeypatch):
-    compress_module = importlib.import_module("torch_pruning_ext.compress")  # the package exports the function
+    repair_module = importlib.import_module("torch_pruning_ext.repair")
 
-    def poisoned(original, folded, pruned, *args, **kwargs):
+    def poisoned(job):
         with torch.no_grad():
-            next(pruned.parameters()).fill_(float("nan"))
-    monkeypatch.setattr(compress_module, "repair_without_data", poisoned)
+            next(job.pruned.parameters()).fill_(float("nan"))
+        return {}
+    monkeypatch.setitem(repair_module.REPAIRS, "datafree", poisoned)
     with pytest.raises(RuntimeError, match="non-finite outputs"):
         compress(sequential_cnn(), torch.randn(1, 3, 32, 32), 0.5, method="fold", repair="datafree")
 

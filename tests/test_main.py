@@ -8,6 +8,7 @@ from torch_pruning_ext.experiments.checkpoints import CheckpointError, load_mode
 from torch_pruning_ext.experiments.data import dataset_info, load_bundled_fashion_mnist, load_split, normalize
 from torch_pruning_ext.experiments.models import build_model
 from torch_pruning_ext.experiments.results import read_rows
+from torch_pruning_ext.experiments.protocol import Protocol, Settings
 
 
 @pytest.mark.slow
@@ -148,7 +149,6 @@ def test_bundled_fashion_mnist_layout_and_normalisation():
 @pytest.mark.parametrize("name, groups, criterion", [("vgg11_bn", [0, 3, 7], "l1"), ("resnet18", [0, 5, 11], "l1"),
                                                      ("vgg11_bn", [0, 3, 7], "taylor")])
 def test_prefix_reuse_gives_identical_numbers(tiny_data, name, groups, criterion):
-    from torch_pruning_ext.experiments.protocol import Protocol, Settings
     from tests.helpers import randomize_batchnorms
     torch.manual_seed(0)
     model = randomize_batchnorms(build_model(name, 10))
@@ -187,7 +187,6 @@ def test_prefix_cache_moving_forward_equals_starting_over(make_model, name):
 
 @pytest.mark.slow
 def test_run_cells_gives_the_rows_of_run_cell_in_the_order_asked(tiny_data, make_model):
-    from torch_pruning_ext.experiments.protocol import Protocol, Settings
     test = load_split("fashion-mnist", "test", tiny_data)
     inputs = normalize(test.images, dataset_info("fashion-mnist"))
     cells = [(0, 0.5, "default"), (7, 0.5, "intra_fusion"), (3, 0.3, "default"), (7, 0.3, "default")]
@@ -411,3 +410,20 @@ def test_repair_batch_size_from_the_cli_names_its_rows(tiny_data, checkpoints, r
     assert sorted(rows) == ["", "32"]  # one row each: a streamed reconstruction is its own setting
     # the streamed passes refit from the same 96 images: the accuracy is that of one pass, near enough
     assert abs(float(rows["32"]["accuracy"]) - float(rows[""]["accuracy"])) <= 5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method, repair", [("default", "none"), ("fold", "datafree"), ("intra_fusion_fp", "reconstruct"),
+                                            ("fold", "data_downstream"), ("fold", "variance")])
+def test_compress_and_the_protocol_give_the_same_model_bit_for_bit(make_model, method, repair):
+    """One pipeline: the library call and main.py's protocol fold, prune, fuse and repair alike."""
+    from torch_pruning_ext import compress
+    model = make_model("vgg11_bn")
+    inputs, labels = torch.randn(40, 3, 32, 32), torch.randint(0, 10, (40,))
+    calibration = inputs[:32] if repair in ("reconstruct", "data_downstream") else None
+    protocol = Protocol(model, Settings("vgg11_bn", "fashion-mnist", repair=repair), inputs, labels,
+                        repair_inputs=calibration, batch_size=40)
+    by_protocol, _, _ = protocol.prune_copy(protocol.prepared.expand("all"), 0.5, method)
+    by_compress, _ = compress(model, inputs[:1], 0.5, method, calibration, repair=repair, fold_bn="reference")
+    ours, theirs = by_protocol.state_dict(), by_compress.state_dict()
+    assert list(ours) == list(theirs) and all(torch.equal(ours[k], theirs[k]) for k in ours)

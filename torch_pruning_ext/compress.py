@@ -20,14 +20,13 @@ from .checks import check_choice
 from .groups import ROOT_TYPES, out_channels, output_layers
 from .methods import check_method, method_plan
 from .modes import eval_mode
-from .pruner import IntraFusionPruner, channel_origin, check_sparsity
+from .pruner import IntraFusionPruner, check_sparsity
 from .importance import build_importance, needs_data
 from .inputs import (batch_length, concatenate, first_line, map_tensors, run_model, shape_text, take,
                      tensors_of)
 from .synthesis import SYNTHETIC_SAMPLES, synthesize_calibration
-from .reconstruction import RECONSTRUCT_COST, check_reconstruct_options, fused_row_maps, repair_by_reconstruction
-from .repair import (DATA_MODES, REPAIR_MODES, batchnorm_sources, repair_variance, repair_with_data,
-                     repair_without_data)
+from .reconstruction import RECONSTRUCT_COST, check_reconstruct_options
+from .repair import DATA_MODES, REPAIR_MODES, RepairJob, apply_repair, batchnorm_sources
 
 CALIBRATION_SAMPLES = 1024  # unlabelled inputs the data repairs use by default
 IMPORTANCE_SAMPLES = 64  # inputs per backward pass of the data-driven criteria
@@ -234,22 +233,11 @@ def compress(model: nn.Module, example_inputs: torch.Tensor, sparsity: float = 0
     transport, rule = method_plan(method)
     results = pruner.prune("all", sparsity, transport, fusion_rule=rule, global_pruning=schedule == "global",
                            max_group_sparsity=max_layer_sparsity, progress=progress)
-    report = {}
     bn_of, after_relu = batchnorm_sources(pruner.folded)
-    if repair == "reconstruct":
-        report = repair_by_reconstruction(folded, target, channel_origin(results), images,
-                                          row_maps=fused_row_maps(folded, results), batch_size=batch_size,
-                                          memory_budget=memory_budget, cost=reconstruct_cost)
-    elif repair in ("data", "data_downstream"):
-        changed = sorted({name for r in results for name in r.producers + r.consumers})
-        outputs = {pruner.names[layer] for layer in output_layers(pruner.graph)}
-        downstream = [name for name in _out_channels(target) if name not in outputs] \
-            if repair == "data_downstream" else []
-        repair_with_data(folded, target, changed, channel_origin(results), images, downstream=downstream)
-    elif repair == "datafree":
-        repair_without_data(unfolded, folded, target, results, channel_origin(results), bn_of, after_relu)
-    elif repair == "variance":
-        repair_variance(unfolded, folded, target, results, bn_of, after_relu)
+    outputs = frozenset(pruner.names[layer] for layer in output_layers(pruner.graph))
+    report = apply_repair(repair, RepairJob(unfolded, folded, target, results, bn_of, after_relu, images,
+                                            protected=outputs, batch_size=batch_size, memory_budget=memory_budget,
+                                            cost=reconstruct_cost))
     _check_finite_outputs(target, example_inputs, f"pruning and the {repair!r} repair")
     with eval_mode(target), torch.no_grad():
         macs_after, params_after = _count(target, example_inputs)

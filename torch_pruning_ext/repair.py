@@ -21,13 +21,17 @@ still a plain network.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 
 from .modes import eval_mode
 from .checks import check_choice
-from .groups import out_channels
+from .groups import ROOT_TYPES, out_channels
 from .inputs import batch_length, run_model, take
+from .pruner import channel_origin
+from .reconstruction import RECONSTRUCT_COST, fused_row_maps, repair_by_reconstruction
 
 REPAIR_MODES = ("none", "data", "data_downstream", "datafree", "variance", "reconstruct")
 DATA_MODES = ("data", "data_downstream", "reconstruct")  # the modes that need unlabelled images
@@ -271,3 +275,62 @@ def _origin_before(result, origin_after: torch.Tensor, original_count: int) -> t
         return torch.arange(original_count)
     raise ValueError("data-free repair needs each layer pruned at most once")
 
+
+
+@dataclass
+class RepairJob:
+    """What the repairs read for one pruned copy; compress() and the protocol fill it alike."""
+    original: nn.Module  # the model as given (BatchNorm unfolded): the data-free repairs read its statistics
+    folded: nn.Module  # the original after BatchNorm folding, which the pruned copy is compared with
+    pruned: nn.Module  # repaired in place
+    results: list  # the pruner's GroupResults
+    batchnorm_of: dict  # batchnorm_sources(...) of the fold
+    after_relu: set
+    inputs: object = None  # unlabelled calibration batch (the data modes)
+    protected: frozenset = frozenset()  # layers "data_downstream" leaves alone (those feeding the outputs)
+    reference_stats: dict | None = None  # the folded original's layer_statistics, when measured before
+    seed: int = 0
+    batch_size: int | None = None  # reconstruct: samples per pass (None: all in one)
+    memory_budget: int | None = None
+    cost: float = RECONSTRUCT_COST
+
+
+def _repair_reconstruct(job: RepairJob) -> dict:
+    # each layer aims at what its channels stand for after the method: fused rows where fused
+    return repair_by_reconstruction(job.folded, job.pruned, channel_origin(job.results), job.inputs,
+                                    row_maps=fused_row_maps(job.folded, job.results), seed=job.seed,
+                                    batch_size=job.batch_size, memory_budget=job.memory_budget, cost=job.cost)
+
+
+def _repair_statistics(job: RepairJob, downstream: bool) -> dict:
+    changed = sorted({name for r in job.results for name in r.producers + r.consumers})
+    later = [name for name, module in job.pruned.named_modules()
+             if isinstance(module, ROOT_TYPES) and name not in job.protected] if downstream else []
+    repair_with_data(job.folded, job.pruned, changed, channel_origin(job.results), job.inputs, downstream=later,
+                     reference_stats=job.reference_stats)
+    return {}
+
+
+def _repair_datafree(job: RepairJob) -> dict:
+    repair_without_data(job.original, job.folded, job.pruned, job.results, channel_origin(job.results),
+                        job.batchnorm_of, job.after_relu)
+    return {}
+
+
+def _repair_variance(job: RepairJob) -> dict:
+    repair_variance(job.original, job.folded, job.pruned, job.results, job.batchnorm_of, job.after_relu)
+    return {}
+
+
+REPAIRS = {"none": lambda job: {}, "data": lambda job: _repair_statistics(job, downstream=False),
+           "data_downstream": lambda job: _repair_statistics(job, downstream=True), "datafree": _repair_datafree,
+           "variance": _repair_variance, "reconstruct": _repair_reconstruct}
+
+
+def apply_repair(mode: str, job: RepairJob) -> dict:
+    """Repair job.pruned in place with `mode` (one of REPAIR_MODES); returns the reconstruction's
+    per-layer report (empty for the other modes)."""
+    check_mode(mode)
+    if mode in DATA_MODES and job.inputs is None:
+        raise ValueError(f"repair {mode!r} needs unlabelled calibration inputs")
+    return REPAIRS[mode](job)

@@ -25,12 +25,10 @@ from ..methods import METHODS, check_method, method_plan
 from ..importance import DATA_CRITERIA, THINET_SAMPLES, build_importance
 from ..optimal_transport import OptimalTransport
 from ..bn_folding import fold_batchnorms
-from ..pruner import IntraFusionPruner, channel_origin
+from ..pruner import IntraFusionPruner
 from ..compress import check_schedule
-from ..reconstruction import (RECONSTRUCT_COST, check_reconstruct_options, fused_row_maps,
-                              repair_by_reconstruction)
-from ..repair import (DATA_MODES, batchnorm_sources, check_mode as check_repair, layer_statistics,
-                      repair_variance, repair_with_data, repair_without_data)
+from ..reconstruction import RECONSTRUCT_COST, check_reconstruct_options
+from ..repair import DATA_MODES, RepairJob, apply_repair, batchnorm_sources, check_mode as check_repair, layer_statistics
 from ..serialization import save_pruned
 from ..checks import check_choice
 from ..files import atomic_torch_save
@@ -327,25 +325,15 @@ class Protocol:
         return model, results, time.perf_counter() - started
 
     def _repair(self, model: nn.Module, results) -> None:
-        if self.settings.repair == "reconstruct":
-            # each layer aims at what its channels stand for after the method: fused rows where fused
-            repair_by_reconstruction(self.folded, model, channel_origin(results), self.repair_inputs,
-                                     row_maps=fused_row_maps(self.folded, results), seed=self.settings.seed,
-                                     batch_size=self.settings.repair_batch_size)
-        elif self.settings.repair in DATA_MODES:
-            layers = sorted({name for r in results for name in r.producers + r.consumers})
-            downstream = [name for name, module in model.named_modules() if isinstance(module, ROOT_TYPES)
-                          and name not in self.ignored_names] if self.settings.repair == "data_downstream" else []
-            if self._reference_stats is None:  # the original's statistics, measured once for all cells
-                names = [name for name, module in self.folded.named_modules() if isinstance(module, ROOT_TYPES)]
-                self._reference_stats = layer_statistics(self.folded, names, self.repair_inputs)
-            repair_with_data(self.folded, model, layers, channel_origin(results), self.repair_inputs,
-                             downstream=downstream, reference_stats=self._reference_stats)
-        elif self.settings.repair == "datafree":
-            repair_without_data(self.model, self.folded, model, results, channel_origin(results), self.batchnorm_of,
-                                self.after_relu)
-        elif self.settings.repair == "variance":
-            repair_variance(self.model, self.folded, model, results, self.batchnorm_of, self.after_relu)
+        mode = self.settings.repair
+        if mode in ("data", "data_downstream") and self._reference_stats is None:
+            # the original's statistics, measured once for all cells
+            names = [name for name, module in self.folded.named_modules() if isinstance(module, ROOT_TYPES)]
+            self._reference_stats = layer_statistics(self.folded, names, self.repair_inputs)
+        apply_repair(mode, RepairJob(self.model, self.folded, model, results, self.batchnorm_of, self.after_relu,
+                                     self.repair_inputs, protected=frozenset(self.ignored_names),
+                                     reference_stats=self._reference_stats, seed=self.settings.seed,
+                                     batch_size=self.settings.repair_batch_size))
 
     def run_cells(self, cells, progress=None) -> list[dict]:
         """Rows of (group, sparsity, method) cells, in the order given. They are computed in the order
