@@ -33,7 +33,6 @@ from .inputs import batch_length, run_model, take
 from .pruner import channel_origin
 from .reconstruction import RECONSTRUCT_COST, fused_row_maps, repair_by_reconstruction
 
-REPAIR_MODES = ("none", "data", "data_downstream", "datafree", "variance", "reconstruct")
 DATA_MODES = ("data", "data_downstream", "reconstruct")  # the modes that need unlabelled images
 _EPS = 1e-8
 
@@ -322,9 +321,12 @@ def _repair_variance(job: RepairJob) -> dict:
     return {}
 
 
+# the repairs by name: a new one is a function of a RepairJob plus its line here (DATA_MODES too if it
+# reads calibration inputs); the CLI choices come from this registry
 REPAIRS = {"none": lambda job: {}, "data": lambda job: _repair_statistics(job, downstream=False),
            "data_downstream": lambda job: _repair_statistics(job, downstream=True), "datafree": _repair_datafree,
            "variance": _repair_variance, "reconstruct": _repair_reconstruct}
+REPAIR_MODES = tuple(REPAIRS)
 
 
 def apply_repair(mode: str, job: RepairJob) -> dict:
