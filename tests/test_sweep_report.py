@@ -253,3 +253,19 @@ def test_repair_modes_in_one_sweep_equal_separate_sweeps(tiny_data, checkpoints,
         assert sweep.main(sweep_args(tmp_path / "apart", tiny_data, checkpoints, *extra, "--repair", mode)) == 0
     joint, apart = cells(tmp_path / "joint" / "results.csv"), cells(tmp_path / "apart" / "results.csv")
     assert joint == apart and len(joint) == 3 * (1 + 2 * 2)
+
+
+def test_whole_report_gives_synthetic_calibration_its_own_columns(tmp_path):
+    import whole_report
+    head = "model,dataset,criterion,group,sparsity,method,accuracy,params,macs,prune_seconds,repair,calibration,repair_samples"
+    rows = ["vgg11_bn,fashion-mnist,l1,,0.0,base,93.0,100,1000,0,none,,",
+            "vgg11_bn,fashion-mnist,l1,all,0.5,fold,92.5,25,250,1,reconstruct,,",
+            "vgg11_bn,fashion-mnist,l1,all,0.5,fold,91.0,25,250,1,reconstruct,synthetic,256",
+            "vgg11_bn,fashion-mnist,l1,all,0.5,fold,90.5,25,250,1,reconstruct,synthetic,",  # 1024, the default
+            "vgg11_bn,fashion-mnist,l1,all,0.5,fold,49.0,25,250,1,variance,,"]
+    (tmp_path / "results.csv").write_text("\n".join([head] + rows) + "\n")
+    assert whole_report.main([str(tmp_path / "results.csv"), "--out-dir", str(tmp_path)]) == 0
+    text = (tmp_path / "WHOLE.md").read_text()
+    assert ("| method | repair variance | repair reconstruct | repair reconstruct, 256 synthetic | "
+            "repair reconstruct, 1024 synthetic |") in text
+    assert "| Model Folding (k-means) | 49.00 | 92.50 | 91.00 | 90.50 |" in text
