@@ -269,3 +269,14 @@ def test_protocol_rows_name_the_groups_left_unpruned():
         row = protocol.run_cell("all", 0.5, "default")
     assert row["skipped_groups"] == "0" and protocol.prepared.groups[0].root == "conv2"
     assert protocol.run_cell("all", 0.5, "default")["skipped_groups"] == row["skipped_groups"]
+
+
+def test_a_group_search_that_does_not_end_leaves_its_layer_unpruned(monkeypatch):
+    groups_module = importlib.import_module("torch_pruning_ext.groups")
+    monkeypatch.setattr(groups_module, "GROUP_SEARCH_VISITS_PER_NODE", 0)
+    monkeypatch.setattr(groups_module, "GROUP_SEARCH_MIN_VISITS", 1)  # every search "runs away" after one visit
+    model, example = sequential_cnn(), torch.randn(1, 3, 32, 32)
+    with pytest.warns(UserWarning, match=r"dependency search does not end for 7, 3, 0 .*left unpruned"):
+        small, summary = compress(model, example, 0.5, method="fold", repair="none")
+    assert summary.channels == {"0": [8, 8], "3": [16, 16], "7": [16, 16], "10": [10, 10]}
+    assert torch.allclose(small(example), model(example), atol=1e-5)  # nothing pruned: BN folding only

@@ -8,6 +8,7 @@ so group 0 is the one nearest the output. Numbers must match the paper for its t
 from __future__ import annotations
 
 import difflib
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -57,24 +58,67 @@ def output_layers(graph: tp.DependencyGraph) -> list[nn.Module]:
     return found
 
 
+# torch-pruning's group search visits each dependency a few times (at most 0.35 x the graph's nodes
+# on torchvision's ResNet-152); on some graphs (grouped-query attention of Hugging Face LLaMA/Qwen
+# models, VainF/Torch-Pruning#527) it never ends. Past this many visits per node it is stopped.
+GROUP_SEARCH_VISITS_PER_NODE = 50
+GROUP_SEARCH_MIN_VISITS = 1000
+
+
+class _EndlessGroupSearch(Exception):
+    pass
+
+
+@contextmanager
+def _bounded_group_search(limit: int):
+    """Inside the block, a torch-pruning group search raises _EndlessGroupSearch after `limit` visits
+    (the counter, a one-element list, is reset by the caller before each search)."""
+    visits = [0]
+    original = tp.dependency.group.Group.has_pruning_op
+
+    def counted(self, dep, idxs):
+        visits[0] += 1
+        if visits[0] > limit:
+            raise _EndlessGroupSearch
+        return original(self, dep, idxs)
+    tp.dependency.group.Group.has_pruning_op = counted
+    try:
+        yield visits
+    finally:
+        tp.dependency.group.Group.has_pruning_op = original
+
+
 def numbered_roots(model: nn.Module, graph: tp.DependencyGraph, ignored_layers) -> list[nn.Module]:
-    """Root layers of the numbered groups, index = position in the list (0 nearest the output)."""
+    """Root layers of the numbered groups, index = position in the list (0 nearest the output). A layer
+    whose group torch-pruning cannot finish searching is left out (unpruned), with a warning."""
     ignored = set(ignored_layers)
     covered: set[nn.Module] = set()
-    roots = []
-    for _, module in reversed(list(model.named_modules())):
-        if not isinstance(module, ROOT_TYPES) or module in covered or module not in graph.module2node:
-            continue
-        pruner = graph.get_pruner_of_module(module)
-        if pruner is None or pruner.get_out_channels(module) is None:
-            continue
-        group = graph.get_pruning_group(module, pruner.prune_out_channels,
-                                        list(range(pruner.get_out_channels(module))))
-        outs = [item.dep.target.module for item in group.items
-                if graph.is_out_channel_pruning_fn(item.dep.handler)]
-        covered.update(outs)
-        if not any(layer in ignored for layer in outs):
-            roots.append(module)
+    roots, endless = [], []
+    names = {module: name for name, module in model.named_modules()}
+    with _bounded_group_search(GROUP_SEARCH_VISITS_PER_NODE * len(graph.module2node) + GROUP_SEARCH_MIN_VISITS) as visits:
+        for _, module in reversed(list(model.named_modules())):
+            if not isinstance(module, ROOT_TYPES) or module in covered or module not in graph.module2node:
+                continue
+            pruner = graph.get_pruner_of_module(module)
+            if pruner is None or pruner.get_out_channels(module) is None:
+                continue
+            visits[0] = 0
+            try:
+                group = graph.get_pruning_group(module, pruner.prune_out_channels,
+                                                list(range(pruner.get_out_channels(module))))
+            except _EndlessGroupSearch:
+                endless.append(names[module])
+                covered.add(module)
+                continue
+            outs = [item.dep.target.module for item in group.items
+                    if graph.is_out_channel_pruning_fn(item.dep.handler)]
+            covered.update(outs)
+            if not any(layer in ignored for layer in outs):
+                roots.append(module)
+    if endless:
+        warnings.warn(f"torch-pruning's dependency search does not end for {', '.join(endless)} (known for "
+                      "grouped-query attention, VainF/Torch-Pruning#527); those layers are left unpruned",
+                      stacklevel=3)
     return roots
 
 
