@@ -159,7 +159,7 @@ def run(args) -> int:
         settings = Settings(args.model_name, args.dataset, criterion, args.p, args.source_prob, args.target_prob,
                             args.target, args.solver, args.bn_fold, args.seed, args.repair, args.finetune_epochs,
                             **sizes[criterion], schedule=args.schedule, max_layer_sparsity=args.max_layer_sparsity,
-                            calibration=args.calibration if args.repair in DATA_MODES else None,
+                            calibration=args.calibration,  # "data" is the default; synthetic needs a data repair
                             repair_batch_size=args.repair_batch_size)
         protocol = Protocol(loaded.model, settings, inputs, test.labels, batches, args.batch_size, device,
                             reuse=not args.no_reuse, save_dir=args.save_pruned, repair_inputs=repair_inputs,

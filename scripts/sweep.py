@@ -27,9 +27,9 @@ from torch_pruning_ext.experiments.data import (DATASETS, calibration_batches, c
                                     load_split, normalize)
 from torch_pruning_ext.importance import CRITERIA, DATA_CRITERIA, THINET_SAMPLES  # noqa: E402
 from torch_pruning_ext.experiments.models import MODEL_BUILDERS  # noqa: E402
-from torch_pruning_ext.experiments.protocol import (CALIBRATIONS, METHODS, REPAIR_SAMPLES, TAYLOR_BATCHES, Protocol, Settings,  # noqa: E402
-                                                    cell_identity, check_calibration, check_data_sizes,
-                                                    check_repair_batch_size, data_sizes,
+from torch_pruning_ext.experiments.protocol import (CALIBRATIONS, METHODS, REPAIR_SAMPLES, TAYLOR_BATCHES,  # noqa: E402
+                                                    Protocol, Settings, cell_identity, check_calibration,
+                                                    check_data_sizes, check_repair_batch_size, data_sizes,
                                                     prepare, repair_images)
 from torch_pruning_ext.repair import DATA_MODES, REPAIR_MODES  # noqa: E402
 from torch_pruning_ext.experiments.results import check_results_file, read_rows, row_key, write_rows  # noqa: E402

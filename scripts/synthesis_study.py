@@ -15,15 +15,12 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-from tqdm import tqdm
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 from bench import shipped_model  # noqa: E402
 from torch_pruning_ext import compress, synthesize_calibration  # noqa: E402
-from torch_pruning_ext.experiments.cli import OneLineParser, run_cli, sparsity  # noqa: E402
+from torch_pruning_ext.experiments.cli import OneLineParser, progress_bar, run_cli, sparsity  # noqa: E402
 from torch_pruning_ext.experiments.data import dataset_info, load_split, normalize  # noqa: E402
 from torch_pruning_ext.experiments.evaluation import accuracy  # noqa: E402
 from torch_pruning_ext.experiments.results import read_rows, write_rows  # noqa: E402
@@ -78,10 +75,7 @@ def study(args) -> int:
                 continue
             options = dict(settings)
             samples = options.pop("samples", 256)
-            with tqdm(desc=f"{name} {label}", unit="step") as bar:
-                def advance(step, total):
-                    bar.total = total
-                    bar.update(step - bar.n)
+            with progress_bar(f"{name} {label}") as advance:
                 inputs, report = synthesize_calibration(model, images[:1], samples, progress=advance, **options)
             for level, method in cells:
                 started = time.perf_counter()

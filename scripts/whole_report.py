@@ -41,7 +41,8 @@ SHAPE_KEYS = ["model", "sparsity", "schedule", "max_layer_sparsity"]  # what fix
 LATENCY_FIELDS = SHAPE_KEYS + ["batch", "median_ms", "p10_ms", "p90_ms"]
 MARKERS = {"default": "o", "intra_fusion": "s", "intra_fusion_fp": "D", "fold": "^", "finetune": "*"}
 COLOURS = {"none": "#7f7f7f", "datafree": "#9467bd", "variance": "#ff7f0e", "data": "#1f77b4",
-           "data_downstream": "#17becf", "reconstruct": "#d62728", "data, 256 synthetic": "#bcbd22", "data, 1024 synthetic": "#aec7e8",
+           "data_downstream": "#17becf", "reconstruct": "#d62728", "data, 256 synthetic": "#bcbd22",
+           "data, 1024 synthetic": "#aec7e8",
            "reconstruct, 256 synthetic": "#e377c2",
            "reconstruct, 1024 synthetic": "#8c564b", "finetune": "#2ca02c"}
 SPREAD = 0.05  # horizontal offset between methods (log scale), so markers at one MACs value stay visible

@@ -95,7 +95,8 @@ def numbered_roots(model: nn.Module, graph: tp.DependencyGraph, ignored_layers) 
     covered: set[nn.Module] = set()
     roots, endless = [], []
     names = {module: name for name, module in model.named_modules()}
-    with _bounded_group_search(GROUP_SEARCH_VISITS_PER_NODE * len(graph.module2node) + GROUP_SEARCH_MIN_VISITS) as visits:
+    limit = GROUP_SEARCH_VISITS_PER_NODE * len(graph.module2node) + GROUP_SEARCH_MIN_VISITS
+    with _bounded_group_search(limit) as visits:
         for _, module in reversed(list(model.named_modules())):
             if not isinstance(module, ROOT_TYPES) or module in covered or module not in graph.module2node:
                 continue

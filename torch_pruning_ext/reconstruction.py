@@ -563,7 +563,8 @@ def repair_by_reconstruction(original: nn.Module, pruned: nn.Module, channel_ori
     layers = {name: module for name, module in pruned.named_modules() if isinstance(module, ROOT_TYPES)}
     reference = dict(original.named_modules())
     names = [name for name in layers if name not in skip and name in reference]
-    inputs = map_tensors(inputs, lambda t: as_fast_input(t, t.device))  # channels_last: oneDNN's fastest CPU convolutions
+    # channels_last: oneDNN's fastest CPU convolutions
+    inputs = map_tensors(inputs, lambda t: as_fast_input(t, t.device))
     count = batch_length(inputs)
     batch = count if batch_size is None else min(batch_size, count)
     report: dict[str, dict] = {}
@@ -612,7 +613,8 @@ def repair_by_reconstruction(original: nn.Module, pruned: nn.Module, channel_ori
             if samples > batch_length(first):
                 deferred.extend(layout.order[layout.order.index(name):])
                 raise _Stop
-            fit = make(name, layer, kind, detail, pruned_in, original_in, _chosen(batch_length(first), samples, generator))
+            chosen = _chosen(batch_length(first), samples, generator)
+            fit = make(name, layer, kind, detail, pruned_in, original_in, chosen)
             fit.add(pruned_in, original_in, 0)
             report[name] = fit.apply()
 

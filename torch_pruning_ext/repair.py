@@ -275,7 +275,6 @@ def _origin_before(result, origin_after: torch.Tensor, original_count: int) -> t
     raise ValueError("data-free repair needs each layer pruned at most once")
 
 
-
 @dataclass
 class RepairJob:
     """What the repairs read for one pruned copy; compress() and the protocol fill it alike."""

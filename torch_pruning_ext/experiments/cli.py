@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from contextlib import contextmanager
 
 import torch
 from tqdm import tqdm
@@ -73,12 +74,19 @@ def run_cli(prog: str, function, args) -> int:
         return 2
 
 
-def synthesise_with_progress(model, example, count: int, seed: int, cache=None) -> torch.Tensor:
-    """Calibration images from the model's BatchNorm statistics, with a progress bar and a report line."""
-    with tqdm(desc="synthesising calibration", unit="step") as bar:
+@contextmanager
+def progress_bar(description: str):
+    """A tqdm bar and the library's progress(done, total) callback that drives it."""
+    with tqdm(desc=description, unit="step") as bar:
         def advance(done, total):
             bar.total = total
             bar.update(done - bar.n)
+        yield advance
+
+
+def synthesise_with_progress(model, example, count: int, seed: int, cache=None) -> torch.Tensor:
+    """Calibration images from the model's BatchNorm statistics, with a progress bar and a report line."""
+    with progress_bar("synthesising calibration") as advance:
         inputs, report = synthetic_images(model, example, count, seed, cache, progress=advance)
     print(f"synthesised {report['samples']} calibration images in {report['seconds']:.0f} s "
           f"({report['iterations']} steps per batch; BatchNorm statistics mismatch {report['loss_start']:.3g} -> "

@@ -27,8 +27,9 @@ from ..optimal_transport import OptimalTransport
 from ..bn_folding import fold_batchnorms
 from ..pruner import IntraFusionPruner
 from ..compress import check_schedule
-from ..reconstruction import RECONSTRUCT_COST, check_reconstruct_options
-from ..repair import DATA_MODES, RepairJob, apply_repair, batchnorm_sources, check_mode as check_repair, layer_statistics
+from ..reconstruction import check_reconstruct_options
+from ..repair import (DATA_MODES, RepairJob, apply_repair, batchnorm_sources, check_mode as check_repair,
+                      layer_statistics)
 from ..serialization import save_pruned
 from ..checks import check_choice
 from ..files import atomic_torch_save
@@ -145,7 +146,7 @@ def repair_images(pool, info, count: int, seed: int) -> torch.Tensor:
 
 def check_repair_batch_size(batch_size: int | None, repairs) -> None:
     """Before any work: a reconstruction batch size is a positive integer, for a run that reconstructs."""
-    check_reconstruct_options(batch_size, None, RECONSTRUCT_COST)
+    check_reconstruct_options(batch_size)
     if batch_size is not None and "reconstruct" not in repairs:
         raise ValueError(f"--repair-batch-size {batch_size} applies to --repair reconstruct only, not "
                          f"{' '.join(repairs)}")
@@ -166,10 +167,11 @@ def check_calibration(calibration: str, repairs, criteria) -> None:
                          "synthetic does not provide: use a data-free criterion (l1, l2, ...)")
 
 
-def synthetic_images(model: nn.Module, example: torch.Tensor, count: int, seed: int, cache: Path | None = None, progress=None):
-    """`count` calibration images shaped like `example`, synthesised (seeded) from `model`'s BatchNorm statistics, and the
-    synthesis report as a dict. With `cache` (a file), inputs made before for the same model, count
-    and seed are read back instead of synthesised again (minutes for a resumed sweep)."""
+def synthetic_images(model: nn.Module, example: torch.Tensor, count: int, seed: int, cache: Path | None = None,
+                     progress=None):
+    """`count` calibration images shaped like `example`, synthesised (seeded) from `model`'s BatchNorm
+    statistics, and the synthesis report as a dict. With `cache` (a file), inputs made before for the
+    same model, count and seed are read back instead of synthesised again (minutes for a resumed sweep)."""
     fingerprint = hashlib.sha1(b"".join(t.detach().cpu().numpy().tobytes()
                                         for t in model.state_dict().values())).hexdigest()
     identity = {"fingerprint": fingerprint, "count": count, "seed": seed}
@@ -177,8 +179,7 @@ def synthetic_images(model: nn.Module, example: torch.Tensor, count: int, seed: 
         stored = torch.load(cache, map_location="cpu", weights_only=True)
         if all(stored.get(k) == v for k, v in identity.items()):
             return stored["inputs"], stored["report"]
-    inputs, report = synthesize_calibration(model, example, count, seed=seed,
-                                            progress=progress)
+    inputs, report = synthesize_calibration(model, example, count, seed=seed, progress=progress)
     report = asdict(report)
     if cache is not None:
         atomic_torch_save(identity | {"inputs": inputs, "report": report}, cache)
