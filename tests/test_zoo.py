@@ -15,6 +15,7 @@ import torchvision
 from torch_pruning_ext import IntraFusionPruner, OptimalTransport, compress
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+import transformer_zoo  # noqa: E402
 import zoo  # noqa: E402
 
 pytestmark = pytest.mark.slow  # every model of the zoo, real size
@@ -232,20 +233,16 @@ def test_saved_pruned_zoo_models_load_back_exactly(name, tmp_path):
         assert torch.equal(load_pruned(tmp_path / "m.pt")(x), model(x))
 
 
-@pytest.mark.slow
-def test_hugging_face_llama_with_grouped_query_attention_never_hangs():
-    """torch-pruning's group search does not end on grouped-query attention (VainF/Torch-Pruning#527):
-    those layers stay unpruned with a warning, the MLP neurons and the residual width are pruned."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32, use_cache=False)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).eval()
-    ids = torch.randint(0, 64, (32, 12))
-    with pytest.warns(UserWarning, match=r"dependency search does not end for .*self_attn\.q_proj"):
-        small, summary = compress(model, {"input_ids": ids[:1]}, 0.5, "fold", {"input_ids": ids})
-    assert summary.channels["model.layers.0.self_attn.q_proj"] == [32, 32]
-    assert summary.channels["model.layers.0.mlp.up_proj"] == [64, 32]
-    with torch.no_grad():
-        logits = small(input_ids=ids[:4]).logits
-    assert logits.shape == (4, 12, 64) and torch.isfinite(logits).all()
+@pytest.mark.parametrize("name", list(transformer_zoo.FAMILIES))
+def test_hugging_face_families_prune_whole_with_heads_and_never_break(name):
+    """Every family: runs, same output shape, finite; heads pruned in every attention block; nothing
+    left unpruned except Phi-3's fused gate_up_proj (torch-pruning does not follow its chunk)."""
+    default, fused = transformer_zoo.run_family(name, 0.5)
+    for row in (default, fused):
+        assert row["output_ok"] and row["params_after"] < 0.45 * row["params_before"]
+        assert row["head_groups"] == 2 and all(kept < total for kept, total in
+                                               (map(int, h.split("/")) for h in row["heads"].split()))
+        assert ("gate_up_proj" in row["skipped"] and "does not follow a split" in row["skipped"]) if name == "phi3" \
+            else row["skipped"] == ""
+    assert fused["params_after"] == default["params_after"]
+    assert fused["fallbacks"] == "2 x whole attention heads"  # only heads are pruned without fusion

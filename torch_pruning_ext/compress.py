@@ -167,8 +167,9 @@ def _out_channels(model: nn.Module) -> dict[str, int]:
     return {name: out_channels(m) for name, m in model.named_modules() if isinstance(m, ROOT_TYPES)}
 
 
-def compress(model: nn.Module, example_inputs: torch.Tensor, sparsity: float = 0.5, method: str = "fold",
+def compress(model: nn.Module, example_inputs, sparsity: float = 0.5, method: str = "fold",
              calibration=None, *, repair: str | None = None, importance="l1", schedule: str = "uniform",
+             head_sparsity: float | None = None,
              max_layer_sparsity: float | None = None, fold_bn: str = "exact", ignored_layers=None,
              prune_output_layers: bool = False, calibration_samples: int | None = None,
              batch_size: int | None = None, memory_budget: int | None = None,
@@ -176,7 +177,9 @@ def compress(model: nn.Module, example_inputs: torch.Tensor, sparsity: float = 0
              inplace: bool = False, progress=None) -> tuple[nn.Module, CompressionSummary]:
     """Prune every group of `model` at `sparsity` (fraction of channels removed per group, or overall
     with schedule="global") with `method` (default / intra_fusion / intra_fusion_fp / fold), then
-    repair. repair=None picks "reconstruct" when calibration data is given, else "datafree" for
+    repair. example_inputs: a tensor, or a dict of tensors for a model called with keywords (token
+    ids and an attention mask). Attention blocks lose `head_sparsity` of their heads (default:
+    `sparsity`; 0 keeps them), whole heads by magnitude, pruned and never merged (attention.py). repair=None picks "reconstruct" when calibration data is given, else "datafree" for
     the merging methods and "none" for default pruning. BatchNorm is folded first (fold_bn).
     importance: a criterion name (importance.CRITERIA) or a torch-pruning Importance; the data-driven
     ones (taylor, chip, taylor_fm, thinet) are measured on the calibration data, with its labels when
@@ -197,6 +200,7 @@ def compress(model: nn.Module, example_inputs: torch.Tensor, sparsity: float = 0
     """
     check_method(method)
     sparsity = check_sparsity(sparsity)
+    head_sparsity = sparsity if head_sparsity is None else check_sparsity(head_sparsity, "head_sparsity")
     max_layer_sparsity = check_schedule(schedule, max_layer_sparsity)
     if repair is not None:
         check_choice(repair, REPAIR_MODES, "repair")
@@ -232,7 +236,7 @@ def compress(model: nn.Module, example_inputs: torch.Tensor, sparsity: float = 0
     folded = copy.deepcopy(target) if repair != "none" else None  # the reference every repair compares with
     transport, rule = method_plan(method)
     results = pruner.prune("all", sparsity, transport, fusion_rule=rule, global_pruning=schedule == "global",
-                           max_group_sparsity=max_layer_sparsity, progress=progress)
+                           max_group_sparsity=max_layer_sparsity, head_sparsity=head_sparsity, progress=progress)
     bn_of, after_relu = batchnorm_sources(pruner.folded)
     outputs = frozenset(pruner.names[layer] for layer in output_layers(pruner.graph))
     report = apply_repair(repair, RepairJob(unfolded, folded, target, results, bn_of, after_relu, images,
@@ -247,6 +251,6 @@ def compress(model: nn.Module, example_inputs: torch.Tensor, sparsity: float = 0
         int(macs_after), {name: [before, after.get(name, 0)] for name, before in channels_before.items()},
         sum(r.fused for r in results),
         {r.group: r.fallback_reason for r in results if r.fallback_reason}, report,
-        {pruner.names[pruner.roots[r.group]]: r.skipped_reason for r in results if r.skipped_reason},
+        {pruner.root_name(r.group): r.skipped_reason for r in results if r.skipped_reason},
         dict(pruner.size_attributes), asdict(synthesis) if synthesis is not None else None)
     return target.eval(), summary

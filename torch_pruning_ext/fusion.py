@@ -23,6 +23,12 @@ _PRODUCER_FNS = {F.prune_conv_out_channels, F.prune_linear_out_channels,
                  F.prune_depthwise_conv_out_channels, F.prune_depthwise_conv_in_channels}
 _CONSUMER_FNS = {F.prune_conv_in_channels, F.prune_linear_in_channels}
 _BN_FNS = {F.prune_batchnorm_out_channels, F.prune_batchnorm_in_channels}
+# LayerNorm and GroupNorm weights and biases scale and shift each channel after the normalisation over
+# channels: merged like other per-channel vectors (the normalisation itself sees fewer channels, as it
+# does after plain pruning)
+_NORM_FNS = {F.prune_layernorm_out_channels, F.prune_layernorm_in_channels, F.prune_groupnorm_out_channels,
+             F.prune_groupnorm_in_channels}
+_EMBEDDING_FNS = {F.prune_embedding_out_channels}  # an embedding table's columns are its out-channels
 
 
 @dataclass
@@ -115,16 +121,34 @@ def _classify(module, fn, name: str, item, n: int):
         return "affine", _positions(item.idxs, item.root_idxs, n, name), dim
     if fn not in _BN_FNS and next(module.parameters(recurse=False), None) is None:
         return None, None, 0
+    if fn in _NORM_FNS:
+        return "affine", _positions(item.idxs, item.root_idxs, n, name), 0
     if getattr(module, "transposed", False):
         raise UnsupportedGroup(f"{name}: transposed convolution")
     positions = _positions(item.idxs, item.root_idxs, n, name)
     if fn in _PRODUCER_FNS:
         return "producer", positions, 0
+    if fn in _EMBEDDING_FNS:
+        return "producer", positions, 1
     if fn in _CONSUMER_FNS:
         return "consumer", positions, 1
     if fn in _BN_FNS:
         return ("slice" if is_channel_uniform(module) else "affine"), positions, 0
     raise UnsupportedGroup(f"{name}: {type(module).__name__} via {getattr(fn, '__name__', fn)}")
+
+
+def uneven_member(group, n: int, names: dict) -> str | None:
+    """Why torch-pruning's index map of the group looks incomplete (a weighted member on which the group
+    channels land on unequal numbers of positions, e.g. a chunk it follows into only one half), or None."""
+    for item in group.items:
+        module = item.dep.target.module
+        weighted = isinstance(module, nn.Parameter) or next(module.parameters(recurse=False), None) is not None
+        if weighted:
+            try:
+                _positions(item.idxs, item.root_idxs, n, names.get(module, type(module).__name__))
+            except UnsupportedGroup as reason:
+                return str(reason)
+    return None
 
 
 def layer_roles(group, n: int, names: dict) -> tuple[dict[str, torch.Tensor], list[str]]:
@@ -248,12 +272,9 @@ def zero_channels(members: list[Member], pruned: torch.Tensor) -> None:
             weight[rows, column[:, None]] = 0
             continue
         where = member.positions[pruned].flatten()
-        if member.role == "producer":
-            weight[where] = 0
-            if member.module.bias is not None:
-                member.module.bias.data[where] = 0
-        else:
-            weight[:, where] = 0
+        weight.movedim(member.dim, 0)[where] = 0
+        if member.role == "producer" and getattr(member.module, "bias", None) is not None:
+            member.module.bias.data[where] = 0
 
 
 def group_root(group) -> tuple[nn.Module, object]:

@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 
+from .attention import Attention, find_attention
 from .inputs import first_line, run_model, shape_text, tensors_of
 from .modes import eval_mode
 
@@ -88,11 +89,13 @@ def _bounded_group_search(limit: int):
         tp.dependency.group.Group.has_pruning_op = original
 
 
-def numbered_roots(model: nn.Module, graph: tp.DependencyGraph, ignored_layers) -> list[nn.Module]:
+def numbered_roots(model: nn.Module, graph: tp.DependencyGraph, ignored_layers,
+                   handled=()) -> list[nn.Module]:
     """Root layers of the numbered groups, index = position in the list (0 nearest the output). A layer
-    whose group torch-pruning cannot finish searching is left out (unpruned), with a warning."""
+    whose group torch-pruning cannot finish searching is left out (unpruned), with a warning; the
+    `handled` layers' out-channels are pruned elsewhere (attention projections) and never searched."""
     ignored = set(ignored_layers)
-    covered: set[nn.Module] = set()
+    covered: set[nn.Module] = set(handled)
     roots, endless = [], []
     names = {module: name for name, module in model.named_modules()}
     limit = GROUP_SEARCH_VISITS_PER_NODE * len(graph.module2node) + GROUP_SEARCH_MIN_VISITS
@@ -241,10 +244,23 @@ def protected_layers(model: nn.Module, graph: tp.DependencyGraph, ignored_layers
     return protected + ([] if prune_output_layers else output_layers(graph))
 
 
+def attention_layers(model: nn.Module, blocks: list[Attention]) -> set[nn.Module]:
+    """The q/k/v projections of `blocks`: their out-channels are heads, not torch-pruning groups."""
+    modules = dict(model.named_modules())
+    return {modules[layer] for block in blocks for layer in block.layers()}
+
+
+def describe_heads(blocks: list[Attention], first_index: int) -> list[GroupInfo]:
+    """Head groups are numbered after the channel groups; their "channels" are prunable units."""
+    return [GroupInfo(first_index + i, block.name, block.units, block.members()) for i, block in enumerate(blocks)]
+
+
 def list_groups(model: nn.Module, example_inputs: torch.Tensor, ignored_layers=None,
                 graph: tp.DependencyGraph | None = None, prune_output_layers: bool = False) -> list[GroupInfo]:
-    """Index, root layer, member layers and channel count of every numbered group of `model`
-    (pass the `graph` of a pruner or an earlier trace to avoid tracing again)."""
+    """Index, root layer, member layers and channel count of every numbered group of `model`, the
+    attention head groups last (pass the `graph` of a pruner or an earlier trace to avoid tracing again)."""
     graph = graph if graph is not None else trace_graph(model, example_inputs)
     protected = protected_layers(model, graph, ignored_layers, prune_output_layers)
-    return describe_groups(model, graph, numbered_roots(model, graph, protected))
+    blocks = find_attention(model, set(protected))
+    roots = numbered_roots(model, graph, protected, attention_layers(model, blocks))
+    return describe_groups(model, graph, roots) + describe_heads(blocks, len(roots))

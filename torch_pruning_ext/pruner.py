@@ -16,10 +16,13 @@ import torch.nn as nn
 from .bn_folding import FOLD_MODES, FoldedPair, fold_batchnorms
 from .conv_blocks import block_coupling, block_pruned, channel_blocks
 from .fusion import (UnsupportedGroup, channel_features, fuse_members, group_members, layer_roles,
-                     prune_channels, transport_maps, zero_channels, FUSION_RULES)
-from .groups import GroupInfo, describe_groups, full_group, numbered_roots, out_channels, protected_layers, trace_graph
+                     prune_channels, transport_maps, uneven_member, zero_channels, FUSION_RULES)
+from .attention import check_heads, find_attention, head_scores, merge_twin_heads, prune_heads, zero_heads
+from .groups import (GroupInfo, attention_layers, describe_groups, describe_heads, full_group, numbered_roots,
+                     out_channels, protected_layers, trace_graph)
 from .importance import build_importance, needs_data
 from .optimal_transport import OptimalTransport
+from .standard_layers import replace_transposed_linears
 from .safety import (breaking_groups, check_outputs, layer_widths, probe_mapping, record_forward, sync_attributes,
                      touches_attributes)
 from .checks import check_choice
@@ -56,17 +59,18 @@ def kept_count(channels: int, sparsity: float) -> int:
     return max(1, int(channels * (1 - sparsity)))
 
 
-def check_sparsity(sparsity) -> float:
+def check_sparsity(sparsity, what: str = "sparsity") -> float:
     if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not math.isfinite(sparsity) \
             or not 0 <= sparsity < 1:
-        raise ValueError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
+        raise ValueError(f"{what} must be a number in [0, 1), got {sparsity!r}")
     return float(sparsity)
 
 
 class IntraFusionPruner:
     """Structured pruning of numbered groups, optionally fusing pruned channels by optimal transport.
 
-    model: pruned in place. example_inputs: a batch used to trace the dependency graph.
+    model: pruned in place (GPT-2-style Conv1D layers are replaced by equal nn.Linear layers first).
+    example_inputs: a batch used to trace the dependency graph (a tensor, or a dict of keyword inputs).
     importance: criterion name (see importance.CRITERIA) or a torch-pruning Importance.
     ignored_layers: layers whose out-channels are never pruned: modules (of `model`, or of
     `source_model` when `model` is a copy of it), module names or module types. The layers feeding the
@@ -96,11 +100,14 @@ class IntraFusionPruner:
         self.calibration_batches = calibration_batches or []
         self.score_cache = score_cache if needs_data(self.importance) else None
         self.changed = False  # whether a group was pruned: cached scores no longer describe the model
+        self.replaced = replace_transposed_linears(model)  # GPT-2's Conv1D layers become nn.Linear
         self.graph = trace_graph(model, example_inputs)
         self.folded: list[FoldedPair] = (fold_batchnorms(model, example_inputs, fold_bn, graph=self.graph)
                                          if fold_bn else [])
         protected = protected_layers(model, self.graph, ignored_layers, prune_output_layers, source_model)
-        self.roots = numbered_roots(model, self.graph, protected)
+        # attention blocks whose heads are pruned as units: numbered after the channel groups
+        self.attention = find_attention(model, set(protected))
+        self.roots = numbered_roots(model, self.graph, protected, attention_layers(model, self.attention))
         self.names = {module: name for name, module in model.named_modules()}
         # bare parameters (e.g. a layer_scale) are group members too: name them, never print them
         self.names.update({param: name for name, param in model.named_parameters()})
@@ -111,10 +118,14 @@ class IntraFusionPruner:
 
     @property
     def num_groups(self) -> int:
-        return len(self.roots)
+        return len(self.roots) + len(self.attention)
 
     def groups(self) -> list[GroupInfo]:
-        return describe_groups(self.model, self.graph, self.roots)
+        return describe_groups(self.model, self.graph, self.roots) + describe_heads(self.attention, len(self.roots))
+
+    def root_name(self, index: int) -> str:
+        """The root layer of a channel group, or the attention block of a head group."""
+        return self.names[self.roots[index]] if index < len(self.roots) else self.attention[index - len(self.roots)].name
 
     def _check_indices(self, group_indices) -> list[int]:
         if group_indices == "all" or group_indices is None:
@@ -147,15 +158,18 @@ class IntraFusionPruner:
     def prune(self, group_indices="all", sparsity: float = 0.5, transport: OptimalTransport | None = None,
               fusion_rule: str = "reference", dimensionality_preserving: bool = False,
               global_pruning: bool = False, max_group_sparsity: float | None = None,
-              progress=None) -> list[GroupResult]:
-        """Prune the selected groups (in the order given) at `sparsity`.
+              head_sparsity: float | None = None, progress=None) -> list[GroupResult]:
+        """Prune the selected groups at `sparsity`: the head groups first (`head_sparsity` of each
+        attention block's heads, default `sparsity`, by magnitude; never merged), then the channel
+        groups in the order given.
 
         transport=None gives default pruning. global_pruning ranks the channels of all selected
-        groups together (scores computed before any pruning) and removes `sparsity` of them overall,
-        but never more than `max_group_sparsity` of one group (default: all but one channel).
+        channel groups together (scores computed before any pruning) and removes `sparsity` of them
+        overall, but never more than `max_group_sparsity` of one group (default: all but one channel).
         progress(done, total) is called after each group.
         """
         sparsity = check_sparsity(sparsity)
+        head_sparsity = sparsity if head_sparsity is None else check_sparsity(head_sparsity, "head_sparsity")
         if max_group_sparsity is not None:
             max_group_sparsity = check_sparsity(max_group_sparsity)
             if not global_pruning:
@@ -170,44 +184,88 @@ class IntraFusionPruner:
             raise TypeError(f"transport must be an OptimalTransport, a ClusterFolding (anything with "
                             f".coupling(features, importance, kept)) or None, got {type(transport).__name__}")
         check_choice(fusion_rule, FUSION_RULES, "fusion rule")
+        head_indices = [index for index in indices if index >= len(self.roots)]
+        indices = [index for index in indices if index < len(self.roots)]
         # conv blocks are structural (pruning other groups does not change them): counted for every group
         # first, so a group that cannot be pruned consistently stops the call before any change
         unchanged = {index: full_group(self.graph, self.roots[index]) for index in indices}
         blocks = {index: channel_blocks(group, len(group[0].idxs), self.names) for index, group in unchanged.items()}
         record = record_forward(self.model, self.example_inputs)
-        widths = layer_widths(self.model)
         skipped = self._unsafe_groups(unchanged, sparsity, blocks, record, trial=not dimensionality_preserving)
+        head_plans = self._head_plans(head_indices, head_sparsity)
+        skipped.update(check_heads(self.model, self.example_inputs, head_plans))
         if skipped:
             warnings.warn("left unpruned because pruning them would break the model: " + "; ".join(
-                f"group {index} ({self.names[self.roots[index]]}): {why}" for index, why in skipped.items()),
+                f"group {index} ({self.root_name(index)}): {why}" for index, why in sorted(skipped.items())),
                 stacklevel=2)
+        total, results = len(head_indices) + len(indices), []
+        for index in head_indices:
+            results.append(self._prune_heads(index, head_plans[index][1], transport, dimensionality_preserving,
+                                             skipped.get(index)))
+            if progress is not None:
+                progress(len(results), total)
+        widths = layer_widths(self.model)
         active = [index for index in indices if index not in skipped]
         plan = self._global_plan(active, sparsity, max_group_sparsity) if global_pruning and active else {}
-        results = []
-        for done, index in enumerate(indices, 1):
+        for index in indices:
             if index in skipped:
                 results.append(self._skipped(index, unchanged[index], skipped[index]))
             else:
                 results.append(self._prune_group(index, sparsity, transport, fusion_rule,
                                                  dimensionality_preserving, plan.get(index), blocks[index]))
             if progress is not None:
-                progress(done, len(indices))
+                progress(len(results), total)
         self.size_attributes.update(sync_attributes(self.model, record.attributes, widths))
         problem = check_outputs(self.model, self.example_inputs, record, shapes=not self.prune_output_layers)
         if problem is not None:
             raise RuntimeError(f"the pruned model no longer runs like the original on the example inputs: {problem}")
         return results
 
+    def _head_plans(self, indices, sparsity: float) -> dict[int, tuple]:
+        """Head group index -> (attention block, its lowest-magnitude units to remove at `sparsity`)."""
+        plans = {}
+        for index in indices:
+            block = self.attention[index - len(self.roots)]
+            scores = head_scores(self.model, block)
+            plans[index] = (block, sorted(scores.argsort(stable=True)[: block.units - kept_count(block.units, sparsity)]
+                                          .tolist()))
+        return plans
+
+    def _prune_heads(self, index, pruned, transport, keep_shape, skipped_reason) -> GroupResult:
+        block = self.attention[index - len(self.roots)]
+        result = GroupResult(index, block.units, [] if skipped_reason else pruned, fused=False,
+                             producers=block.layers(), consumers=[block.o], skipped_reason=skipped_reason)
+        if skipped_reason or not pruned:
+            return result
+        started = time.perf_counter()
+        if transport is not None:
+            merged = merge_twin_heads(self.model, block, pruned)
+            result.fused = merged == len(pruned)
+            if not result.fused:
+                result.fallback_reason = (f"whole attention heads: {len(pruned) - merged} of {len(pruned)} pruned "
+                                          "without merging (only a head identical to a kept one merges exactly: "
+                                          "attention is not linear in q and k)")
+        if keep_shape:
+            zero_heads(self.model, block, pruned)
+        else:
+            for name, rows in prune_heads(self.model, block, pruned).items():
+                origin = self.channel_origin.get(name)
+                self.channel_origin[name] = rows if origin is None else origin[rows]
+                result.origins[name] = self.channel_origin[name]
+        result.seconds["slicing"] = time.perf_counter() - started
+        self.changed = True
+        return result
+
     def _unsafe_groups(self, groups: dict, sparsity, blocks, record, trial: bool) -> dict[int, str]:
         """Group index -> why pruning it would break the model, found before any change: torch-pruning's
         channel mapping through reshapes is probed, and groups whose widths equal an integer attribute
-        that forward() reads are pruned plainly on a copy first."""
+        that forward() reads, or whose index map looks incomplete, are pruned plainly on a copy first."""
         skipped, trials = {}, {}
         for index, group in groups.items():
             reason = probe_mapping(self.model, group, self.example_inputs, self.names)
             if reason is not None:
                 skipped[index] = reason
-            elif trial and touches_attributes(group, record):
+            elif trial and (touches_attributes(group, record) or uneven_member(group, len(group[0].idxs), self.names)):
                 n = len(group[0].idxs)
                 width = n // blocks[index]
                 pruned = block_pruned(torch.zeros(n), blocks[index], width - kept_count(width, sparsity))

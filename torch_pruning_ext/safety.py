@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch_pruning as tp
 from torch_pruning.pruner import function as F
 
-from .groups import ROOT_TYPES, full_group, trace_graph
+from .groups import ROOT_TYPES, full_group, out_channels, trace_graph
 from .inputs import first_line, run_model, shape_text, signature
 from .modes import eval_mode
 
@@ -283,7 +283,8 @@ def touches_attributes(group, record: ForwardRecord) -> bool:
 
 def trial_prune(model: nn.Module, example_inputs, plans: dict[str, list[int]], record: ForwardRecord,
                 shapes: bool = True) -> str | None:
-    """Prune a copy of `model` plainly (root layer name -> channels to remove) and check its forward."""
+    """Prune a copy of `model` plainly (root layer name -> channels to remove) and check that each root
+    lost exactly those channels and that the forward still runs as recorded."""
     trial = copy.deepcopy(model)
     graph = trace_graph(trial, example_inputs)
     modules = dict(trial.named_modules())
@@ -291,8 +292,12 @@ def trial_prune(model: nn.Module, example_inputs, plans: dict[str, list[int]], r
     for name, pruned in plans.items():
         if pruned:
             root = modules[name]
+            width = out_channels(root)
             group = full_group(graph, root)
             graph.get_pruning_group(root, group[0].dep.handler, sorted(pruned)).prune()
+            if out_channels(root) != width - len(pruned):
+                return (f"torch-pruning removes {width - out_channels(root)} out-channels of {name} for "
+                        f"{len(pruned)} pruned channels (its index map does not follow a split of them)")
     sync_attributes(trial, record.attributes, before)
     return check_outputs(trial, example_inputs, record, shapes)
 

@@ -101,6 +101,65 @@ class ResNet(nn.Module):
         return self.linear(out.view(out.size(0), -1))
 
 
+class Attention(nn.Module):
+    """Multi-head self-attention in the timm layout: one ``qkv`` Linear ([q | k | v], each [head, dim])
+    and an output ``proj``; the head count is the ``num_heads`` attribute (what pruning heads updates)."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, tokens, _ = x.shape
+        q, k, v = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(batch, tokens, -1))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+
+    def __init__(self, dim: int, num_heads: int, hidden: int):
+        super().__init__()
+        self.norm1, self.attn = nn.LayerNorm(dim), Attention(dim, num_heads)
+        self.norm2, self.mlp = nn.LayerNorm(dim), Mlp(dim, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class VisionTransformer(nn.Module):
+    """A small ViT for 3x32x32 inputs: 4x4 patches, a class token, learned positions, pre-norm blocks."""
+
+    def __init__(self, num_classes: int = 10, dim: int = 96, depth: int = 4, num_heads: int = 4,
+                 hidden: int = 192, patch: int = 4, image_size: int = 32):
+        super().__init__()
+        self.patch_embed = nn.Conv2d(3, dim, kernel_size=patch, stride=patch)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.randn(1, (image_size // patch) ** 2 + 1, dim) * 0.02)
+        self.blocks = nn.Sequential(*[Block(dim, num_heads, hidden) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.patch_embed(x).flatten(2).transpose(1, 2)
+        tokens = torch.cat([self.cls_token.expand(len(x), -1, -1), tokens], dim=1) + self.pos_embed
+        return self.head(self.norm(self.blocks(tokens))[:, 0])
+
+
 def vgg11_bn(num_classes: int = 10) -> VGG:
     return VGG(VGG11_CONFIG, num_classes)
 
@@ -109,7 +168,11 @@ def resnet18(num_classes: int = 10) -> ResNet:
     return ResNet((2, 2, 2, 2), num_classes)
 
 
-MODEL_BUILDERS = {"vgg11_bn": vgg11_bn, "resnet18": resnet18}
+def vit_tiny(num_classes: int = 10) -> VisionTransformer:
+    return VisionTransformer(num_classes)
+
+
+MODEL_BUILDERS = {"vgg11_bn": vgg11_bn, "resnet18": resnet18, "vit_tiny": vit_tiny}
 
 
 def build_model(name: str, num_classes: int) -> nn.Module:

@@ -1,0 +1,263 @@
+"""Attention heads as pruning units (attention.py): found in the timm and Hugging Face layouts, sliced
+exactly (the pruned model computes what the original computes with those heads' output columns
+zeroed), head-count attributes kept consistent, duplicated heads merged exactly, layouts not
+understood left unpruned with the reason."""
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from torch_pruning_ext import IntraFusionPruner, OptimalTransport, compress, list_groups
+from torch_pruning_ext.attention import find_attention, zero_heads
+from torch_pruning_ext.experiments.models import vit_tiny
+
+
+def _rotate(x):
+    """Rotary position embedding (the LLaMA form: halves swapped, cos/sin by position)."""
+    tokens, dim = x.shape[-2], x.shape[-1]
+    angle = torch.arange(tokens)[:, None] / 100 ** (torch.arange(dim // 2) / (dim // 2))
+    cos, sin = torch.cat([angle.cos()] * 2, -1), torch.cat([angle.sin()] * 2, -1)
+    first, second = x[..., : dim // 2], x[..., dim // 2:]
+    return x * cos + torch.cat([-second, first], -1) * sin
+
+
+class GroupedQueryAttention(nn.Module):
+    """The Hugging Face LLaMA layout written by hand: separate q/k/v/o, rotary, key-value heads repeated
+    by expand + reshape for grouped-query attention, head counts in attributes."""
+
+    def __init__(self, dim=32, heads=4, kv_heads=2):
+        super().__init__()
+        self.num_heads, self.num_key_value_heads, self.head_dim = heads, kv_heads, dim // heads
+        self.q_proj = nn.Linear(dim, heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(dim, kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(dim, kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(heads * self.head_dim, dim, bias=False)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q = _rotate(self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2))
+        k = _rotate(self.k_proj(x).view(b, t, self.num_key_value_heads, self.head_dim).transpose(1, 2))
+        v = self.v_proj(x).view(b, t, self.num_key_value_heads, self.head_dim).transpose(1, 2)
+        repeats = self.num_heads // self.num_key_value_heads
+        k, v = (z[:, :, None].expand(b, self.num_key_value_heads, repeats, t, self.head_dim)
+                .reshape(b, self.num_heads, t, self.head_dim) for z in (k, v))
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+class Layer(nn.Module):
+    def __init__(self, dim, heads, kv_heads):
+        super().__init__()
+        self.input_layernorm, self.post_attention_layernorm = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.self_attn = GroupedQueryAttention(dim, heads, kv_heads)
+        self.gate_proj, self.up_proj, self.down_proj = nn.Linear(dim, 48), nn.Linear(dim, 48), nn.Linear(48, dim)
+
+    def forward(self, x):
+        x = x + self.self_attn(self.input_layernorm(x))
+        h = self.post_attention_layernorm(x)
+        return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
+
+
+class TinyLM(nn.Module):
+    """A decoder-only language model in the Hugging Face layout, called with token ids."""
+
+    def __init__(self, heads=4, kv_heads=2, dim=32, vocab=40):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(vocab, dim)
+        self.layers = nn.ModuleList([Layer(dim, heads, kv_heads) for _ in range(2)])
+        self.norm, self.lm_head = nn.LayerNorm(dim), nn.Linear(dim, vocab, bias=False)
+
+    def forward(self, input_ids):
+        x = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            x = layer(x)
+        return self.lm_head(self.norm(x))
+
+
+def _hf_llama(kv_heads):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=kv_heads,
+                                      max_position_embeddings=32, use_cache=False)
+    return transformers.LlamaForCausalLM(config)
+
+
+def _random_ln(model):
+    """LayerNorms with non-trivial scales and shifts, as a trained model has."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.LayerNorm):
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.normal_(0, 0.1)
+    return model.eval()
+
+
+MODELS = {
+    "vit (fused qkv)": (lambda: vit_tiny(10), lambda: torch.randn(2, 3, 32, 32)),
+    "lm, multi-head": (lambda: TinyLM(4, 4), lambda: torch.randint(0, 40, (2, 10))),
+    "lm, grouped-query": (lambda: TinyLM(4, 2), lambda: torch.randint(0, 40, (2, 10))),
+    "lm, multi-query": (lambda: TinyLM(4, 1), lambda: torch.randint(0, 40, (2, 10))),
+    "hf llama, grouped-query": (lambda: _hf_llama(2), lambda: {"input_ids": torch.randint(0, 40, (2, 10))}),
+}
+
+
+def _run(model, inputs):
+    with torch.no_grad():
+        out = model(**inputs) if isinstance(inputs, dict) else model(inputs)
+    return out.logits if hasattr(out, "logits") else out
+
+
+def _head_indices(pruner):
+    return list(range(len(pruner.roots), pruner.num_groups))
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_pruned_heads_compute_what_zeroing_them_computes(name):
+    build, inputs = MODELS[name]
+    torch.manual_seed(0)
+    original = _random_ln(build())
+    x = inputs()
+    model = copy.deepcopy(original)
+    pruner = IntraFusionPruner(model, x)
+    blocks = find_attention(original)
+    assert len(_head_indices(pruner)) == len(blocks) == (4 if name.startswith("vit") else 2)
+    results = pruner.prune(_head_indices(pruner), 0.5)
+    for block, result in zip(blocks, results):
+        assert result.skipped_reason is None and len(result.pruned) == block.units // 2
+        zero_heads(original, block, result.pruned)
+    assert torch.allclose(_run(model, x), _run(original, x), atol=1e-5)
+    attention = [m for m in model.modules() if hasattr(m, "o_proj") or hasattr(m, "proj")]
+    for module in attention:
+        heads = getattr(module, "num_heads", None) or getattr(module, "config").num_attention_heads
+        out_proj = getattr(module, "o_proj", None) or module.proj
+        assert out_proj.in_features == 2 * (out_proj.out_features // 4)  # half the heads, same head width
+        if hasattr(module, "num_heads"):
+            assert module.num_heads == 2
+
+
+def test_grouped_query_attention_loses_whole_key_value_groups():
+    model = TinyLM(4, 2).eval()
+    pruner = IntraFusionPruner(model, torch.randint(0, 40, (1, 6)))
+    pruner.prune(_head_indices(pruner), 0.5)
+    attn = model.layers[0].self_attn
+    assert (attn.num_heads, attn.num_key_value_heads) == (2, 1)
+    assert (attn.q_proj.out_features, attn.k_proj.out_features, attn.o_proj.in_features) == (16, 8, 16)
+
+
+def test_duplicated_heads_merge_without_changing_the_outputs():
+    torch.manual_seed(1)
+    model = vit_tiny(10).eval()
+    qkv, proj = model.blocks[0].attn.qkv, model.blocks[0].attn.proj
+    width = qkv.out_features // 3 // 4
+    with torch.no_grad():
+        for part in range(3):  # heads 2 and 3 are copies of heads 0 and 1, with small output columns
+            for twin, source in ((2, 0), (3, 1)):
+                rows = part * 4 * width + twin * width + torch.arange(width)
+                qkv.weight[rows] = qkv.weight[rows - (twin - source) * width]
+                qkv.bias[rows] = qkv.bias[rows - (twin - source) * width]
+        proj.weight[:, 2 * width:] *= 0.01
+    x = torch.randn(3, 3, 32, 32)
+    before = _run(model, x)
+    pruner = IntraFusionPruner(model, x[:1])
+    first = len(pruner.roots)
+    plain = copy.deepcopy(model)
+    [result] = pruner.prune([first], 0.5, OptimalTransport(), fusion_rule="function_preserving")
+    assert result.pruned == [2, 3] and result.fused and result.fallback_reason is None
+    assert proj.weight.shape[1] == 2 * width
+    assert torch.allclose(_run(model, x), before, atol=1e-5)
+    # without the merge the outputs move: the test can tell
+    IntraFusionPruner(plain, x[:1]).prune([first], 0.5)
+    assert not torch.allclose(_run(plain, x), before, atol=1e-3)
+
+
+class HeadMajorQKV(nn.Module):
+    """A fused qkv laid out [head, q|k|v, dim] (GPT-NeoX style), not the [q|k|v, head, dim] the names suggest."""
+
+    def __init__(self, dim=32, heads=4):
+        super().__init__()
+        self.num_heads = heads
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q, k, v = self.qkv(x).reshape(b, t, self.num_heads, 3, -1).permute(3, 0, 2, 1, 4)
+        return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, -1))
+
+
+class HeadMajorNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed, self.attn, self.head = nn.Linear(8, 32), HeadMajorQKV(), nn.Linear(32, 3)
+
+    def forward(self, x):
+        return self.head(self.attn(self.embed(x)).mean(1))
+
+
+def test_a_head_layout_not_understood_is_left_unpruned_with_the_reason():
+    model = HeadMajorNet().eval()
+    weights = model.attn.qkv.weight.clone()
+    pruner = IntraFusionPruner(model, torch.randn(2, 5, 8))
+    with pytest.warns(UserWarning, match="head layout not understood"):
+        [result] = pruner.prune(_head_indices(pruner), 0.5)
+    assert result.skipped_reason and "head layout not understood" in result.skipped_reason
+    assert torch.equal(model.attn.qkv.weight, weights) and model.attn.num_heads == 4
+
+
+class IdentityTransport:
+    def coupling(self, features, importance, kept):
+        plan = torch.zeros(len(features), len(kept), dtype=torch.float64)
+        plan[kept, torch.arange(len(kept))] = 1.0
+        return plan
+
+
+@pytest.mark.parametrize("name", ["vit (fused qkv)", "lm, grouped-query"])
+def test_identity_map_equals_plain_pruning_bitwise_with_norms_and_embeddings_in_the_groups(name):
+    build, inputs = MODELS[name]
+    torch.manual_seed(0)
+    base, x = _random_ln(build()), inputs()
+    states = {}
+    for label, transport in (("plain", None), ("identity", IdentityTransport())):
+        model = copy.deepcopy(base)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            results = IntraFusionPruner(model, x).prune("all", 0.5, transport, fusion_rule="function_preserving")
+        if transport is not None:  # the residual width (LayerNorms, embeddings) and the MLPs are fused
+            assert all(r.fused for r in results if "head" not in (r.fallback_reason or "") and r.producers
+                       and not r.producers[0].endswith(("qkv", "q_proj")))
+        states[label] = model.state_dict()
+    for key, value in states["plain"].items():
+        assert torch.equal(value, states["identity"][key]), key
+
+
+def test_compress_prunes_heads_mlp_and_residual_width_of_a_hugging_face_llama_with_grouped_query_attention():
+    model = _hf_llama(2).eval()
+    ids = torch.randint(0, 40, (16, 10))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no endless group search, nothing broken
+        warnings.filterwarnings("ignore", message=".*cannot be fused.*")
+        small, summary = compress(model, {"input_ids": ids[:1]}, 0.5, "fold", {"input_ids": ids})
+    assert summary.channels["model.layers.0.self_attn.q_proj"] == [32, 16]
+    assert summary.channels["model.layers.0.self_attn.k_proj"] == [16, 8]
+    assert summary.channels["model.layers.0.mlp.up_proj"] == [48, 24]
+    assert summary.channels["model.layers.0.mlp.down_proj"] == [32, 16]
+    assert not summary.skipped_groups
+    assert set(summary.unfused_groups) == {i for i, g in enumerate(list_groups(model, {"input_ids": ids[:1]}))
+                                          if g.root.endswith("self_attn")}
+    assert small.model.layers[0].self_attn.num_key_value_groups == 2
+    logits = _run(small, {"input_ids": ids[:4]})
+    assert logits.shape == (4, 10, 40) and torch.isfinite(logits).all()
+
+
+def test_head_sparsity_zero_keeps_every_head_and_bad_values_are_refused():
+    model = TinyLM(4, 2).eval()
+    ids = torch.randint(0, 40, (8, 6))
+    small, summary = compress(model, ids[:1], 0.5, "default", head_sparsity=0.0)
+    assert summary.channels["layers.0.self_attn.q_proj"] == [32, 32]
+    assert summary.channels["layers.0.up_proj"] == [48, 24]
+    with pytest.raises(ValueError, match=r"head_sparsity must be a number in \[0, 1\), got 1.5"):
+        compress(model, ids[:1], 0.5, head_sparsity=1.5)
+    assert math.isfinite(float(_run(small, ids).sum()))

@@ -1,0 +1,38 @@
+"""Layers that are nn.Linear in disguise, replaced by nn.Linear so torch-pruning can prune them.
+
+Hugging Face's GPT-2 family computes x @ W + b with a `Conv1D` whose weight is stored (in, out):
+torch-pruning does not know it and would leave every such layer (attention and MLP) unpruned. An
+nn.Linear holding the transposed weight computes exactly the same.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+
+def _is_transposed_linear(module: nn.Module) -> bool:
+    weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
+    return (type(module).__name__ == "Conv1D" and isinstance(weight, torch.Tensor) and weight.dim() == 2
+            and getattr(module, "nf", None) == weight.shape[1] and (bias is None or bias.shape == (weight.shape[1],))
+            and not list(module.children()))
+
+
+@torch.no_grad()
+def replace_transposed_linears(model: nn.Module) -> list[str]:
+    """Swap every GPT-2-style Conv1D of `model` (in place) for an equal nn.Linear; returns their names."""
+    replaced = []
+    for name, module in list(model.named_modules()):
+        if not name or not _is_transposed_linear(module):
+            continue
+        weight, bias = module.weight, module.bias
+        linear = nn.Linear(weight.shape[0], weight.shape[1], bias=bias is not None, device=weight.device,
+                           dtype=weight.dtype)
+        linear.weight.copy_(weight.t())
+        linear.weight.requires_grad_(weight.requires_grad)
+        if bias is not None:
+            linear.bias.copy_(bias)
+            linear.bias.requires_grad_(bias.requires_grad)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, linear)
+        replaced.append(name)
+    return replaced
