@@ -183,3 +183,46 @@ def test_shared_score_cache_skips_repeat_passes_and_changes_nothing(criterion, m
     pruned(cache, [1], 0.5)  # another first group: measured once, then cached
     pruned(cache, [1], 0.5)
     assert len(passes) == 1 and sorted(cache) == [0, 1]
+
+
+class TwoOutputs(nn.Module):
+    """Hidden neurons 0-2 feed only output 1, neurons 3-5 only output 0."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 6), nn.Linear(6, 2)
+        with torch.no_grad():
+            self.fc1.bias.fill_(1.0)  # every neuron active
+            self.fc1.weight.abs_()
+            self.fc2.weight[0, :3] = 0
+            self.fc2.weight[1, 3:] = 0
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def test_a_user_given_loss_steers_the_gradient_criteria():
+    from torch_pruning_ext import compress
+    model = TwoOutputs().eval()
+    x = torch.rand(32, 4)
+    calls = []
+
+    def one_output(column):
+        def loss(outputs, inputs, labels):
+            calls.append((inputs.shape, labels))
+            return outputs[:, column].sum()
+        return loss
+    for criterion in ("taylor", "taylor_fm"):
+        for column, kept in ((0, slice(3, 6)), (1, slice(0, 3))):  # the neurons of the output the loss reads stay
+            small, _ = compress(model, x[:1], 0.5, "default", x, repair="none", importance=criterion,
+                                loss=one_output(column))
+            assert torch.equal(small.fc1.weight, model.fc1.weight[kept]), (criterion, column)
+    assert calls[0][0] == (32, 4) and calls[0][1].shape == (32,)  # labels: the model's own predictions
+
+
+def test_a_loss_for_a_criterion_without_gradients_is_refused():
+    from torch_pruning_ext import compress
+    with pytest.raises(ValueError, match="only, not by importance 'l1'"):
+        compress(TwoOutputs(), torch.rand(1, 4), 0.5, importance="l1", loss=lambda o, i, y: o.sum())
+    with pytest.raises(TypeError, match="loss must be a function"):
+        compress(TwoOutputs(), torch.rand(1, 4), 0.5, importance="taylor", loss=3)

@@ -169,7 +169,7 @@ def _out_channels(model: nn.Module) -> dict[str, int]:
 
 def compress(model: nn.Module, example_inputs, sparsity: float = 0.5, method: str = "fold",
              calibration=None, *, repair: str | None = None, importance="l1", schedule: str = "uniform",
-             head_sparsity: float | None = None,
+             head_sparsity: float | None = None, loss=None,
              max_layer_sparsity: float | None = None, fold_bn: str = "exact", ignored_layers=None,
              prune_output_layers: bool = False, calibration_samples: int | None = None,
              batch_size: int | None = None, memory_budget: int | None = None,
@@ -183,7 +183,8 @@ def compress(model: nn.Module, example_inputs, sparsity: float = 0.5, method: st
     the merging methods and "none" for default pruning. BatchNorm is folded first (fold_bn).
     importance: a criterion name (importance.CRITERIA) or a torch-pruning Importance; the data-driven
     ones (taylor, chip, taylor_fm, thinet) are measured on the calibration data, with its labels when
-    its batches carry them, else with the original model's own predictions as labels.
+    its batches carry them, else with the original model's own predictions as labels; `loss(outputs,
+    inputs, labels)` replaces the cross-entropy the gradient criteria (taylor, taylor_fm) back-propagate.
     ignored_layers: modules of `model`, module names or module types never pruned; the layers feeding
     the outputs are protected too unless prune_output_layers=True. Groups whose pruning would break
     the model (a width forward() reads from an attribute that cannot be updated, a permute before a
@@ -205,6 +206,7 @@ def compress(model: nn.Module, example_inputs, sparsity: float = 0.5, method: st
     if repair is not None:
         check_choice(repair, REPAIR_MODES, "repair")
     check_reconstruct_options(batch_size, memory_budget, reconstruct_cost)
+    criterion = build_importance(importance, loss=loss)
     _check_inputs(model, example_inputs, "example_inputs")
     synthesis = None
     if isinstance(calibration, str):
@@ -219,7 +221,6 @@ def compress(model: nn.Module, example_inputs, sparsity: float = 0.5, method: st
         repair = "reconstruct" if images is not None else ("none" if method == "default" else "datafree")
     if repair in DATA_MODES and images is None:
         raise ValueError(f"repair {repair!r} needs calibration data (a tensor or a DataLoader of inputs)")
-    criterion = build_importance(importance)
     if needs_data(criterion) and images is None:
         raise ValueError(f"importance {importance!r} is measured on data: pass calibration (inputs, or "
                          "(inputs, labels) batches; without labels the model's own predictions are used)")

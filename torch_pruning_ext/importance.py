@@ -65,13 +65,14 @@ class LinfImportance(tp.importance.GroupMagnitudeImportance):
 class TaylorImportance(tp.importance.GroupTaylorImportance):
     """|w * dL/dw| with gradients accumulated over calibration batches, model in eval mode."""
     needs_data = True
+    loss = None  # loss(outputs, inputs, labels) -> scalar; None: cross-entropy against the labels
 
     def __init__(self):
         super().__init__(group_reduction="mean", normalizer="mean", target_types=_WEIGHTED)
 
     def prepare(self, model: nn.Module, group, batches) -> None:
         model.zero_grad(set_to_none=True)
-        _run_batches(model, batches, with_grad=True)
+        _run_batches(model, batches, with_grad=True, loss=self.loss)
 
     def __call__(self, group):
         for item in group.items:
@@ -126,15 +127,20 @@ def _producers(group):
             if item.dep.pruning_fn in (fn.prune_conv_out_channels, fn.prune_linear_out_channels)]
 
 
-def _run_batches(model: nn.Module, batches, with_grad: bool) -> None:
-    """Run the (inputs, labels) batches; with_grad: back-propagate the cross-entropy of the model's
-    first output (logits per sample, or per token: (batch, tokens, classes) against (batch, tokens))."""
+def _run_batches(model: nn.Module, batches, with_grad: bool, loss=None) -> None:
+    """Run the (inputs, labels) batches; with_grad: back-propagate loss(outputs, inputs, labels), by
+    default the cross-entropy of the model's first output (logits per sample, or per token: (batch,
+    tokens, classes) against (batch, tokens))."""
     device = next(model.parameters()).device
     with eval_mode(model):
         for inputs, labels in batches:
             inputs = map_tensors(inputs, lambda t: t.to(device))
             if with_grad:
-                logits = tensors_of(run_model(model, inputs))[0]
+                outputs = run_model(model, inputs)
+                if loss is not None:
+                    loss(outputs, inputs, labels.to(device) if labels is not None else None).backward()
+                    continue
+                logits = tensors_of(outputs)[0]
                 F.cross_entropy(logits.flatten(0, -2), labels.to(device).flatten()).backward()
             else:
                 with torch.no_grad():
@@ -171,7 +177,7 @@ class FeatureMapTaylorImportance(tp.importance.Importance):
         for item in producers:
             handles.append(item.dep.layer.register_forward_hook(forward_hook(item)))
         try:
-            _run_batches(model, batches, with_grad=True)
+            _run_batches(model, batches, with_grad=True, loss=self.loss)
         finally:
             for handle in handles:
                 handle.remove()
@@ -322,13 +328,28 @@ class GateImportance(tp.importance.Importance):
         return total / count
 
 
-def build_importance(criterion, gates: dict | None = None,
-                     thinet_samples: int | None = None) -> tp.importance.Importance:
+GRADIENT_CRITERIA = ("taylor", "taylor_fm")  # these back-propagate a loss (see `loss`)
+
+
+def build_importance(criterion, gates: dict | None = None, thinet_samples: int | None = None,
+                     loss=None) -> tp.importance.Importance:
     """An importance object for a criterion name, or the torch-pruning Importance given.
 
     gates: the learned channel gates of a gated checkpoint, for the criterion "gate".
     thinet_samples: ThiNet's sample count (None: THINET_SAMPLES).
+    loss: for the gradient criteria, loss(outputs, inputs, labels) -> scalar tensor back-propagated
+    instead of the cross-entropy (e.g. a language model's next-token loss; labels may be None).
     """
+    if loss is not None:
+        if not callable(loss):
+            raise TypeError(f"loss must be a function (outputs, inputs, labels) -> scalar tensor, got "
+                            f"{type(loss).__name__}")
+        if criterion not in GRADIENT_CRITERIA:
+            raise ValueError(f"loss is back-propagated by the gradient criteria ({', '.join(GRADIENT_CRITERIA)}) "
+                             f"only, not by importance {criterion!r}")
+        importance = build_importance(criterion, gates, thinet_samples)
+        importance.loss = loss
+        return importance
     if isinstance(criterion, tp.importance.Importance):
         return criterion
     if criterion == "gate":
