@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch_pruning as tp
 import torchvision
 
-from torch_pruning_ext import IntraFusionPruner, OptimalTransport, compress
+from torch_pruning_ext import IntraFusionPruner, OptimalTransport
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 import transformer_zoo  # noqa: E402

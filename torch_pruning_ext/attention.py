@@ -178,6 +178,34 @@ def head_scores(model: nn.Module, block: Attention) -> torch.Tensor:
 
 
 @torch.no_grad()
+def head_contributions(model: nn.Module, blocks: list[Attention], inputs) -> list[torch.Tensor]:
+    """Per block, what each unit adds to the output projection on `inputs`: the squared norm of
+    W_o[:, unit] z_unit summed over samples and positions (one forward pass for all blocks). Unlike the
+    magnitude it sees how much a head attends and how large its values are on real inputs."""
+    modules = dict(model.named_modules())
+    totals = [torch.zeros(block.units, dtype=torch.float64) for block in blocks]
+
+    def hook(index, block):
+        weight = modules[block.o].weight
+
+        def record(_, args):
+            z = args[0].detach().reshape(-1, args[0].shape[-1])
+            for unit in range(block.units):
+                columns = block.unit_rows(torch.tensor([unit]))["o"]
+                totals[index][unit] += float((z[:, columns] @ weight[:, columns].t()).double().square().sum())
+        return record
+
+    handles = [modules[block.o].register_forward_pre_hook(hook(i, block)) for i, block in enumerate(blocks)]
+    try:
+        with eval_mode(model):
+            run_model(model, inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [total.float() for total in totals]
+
+
+@torch.no_grad()
 def _slice_rows(layer: nn.Linear, keep: torch.Tensor) -> None:
     layer.weight = nn.Parameter(layer.weight.data[keep].clone(), requires_grad=layer.weight.requires_grad)
     if layer.bias is not None:

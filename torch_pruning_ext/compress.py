@@ -179,7 +179,9 @@ def compress(model: nn.Module, example_inputs, sparsity: float = 0.5, method: st
     with schedule="global") with `method` (default / intra_fusion / intra_fusion_fp / fold), then
     repair. example_inputs: a tensor, or a dict of tensors for a model called with keywords (token
     ids and an attention mask). Attention blocks lose `head_sparsity` of their heads (default:
-    `sparsity`; 0 keeps them), whole heads by magnitude, pruned and never merged (attention.py). repair=None picks "reconstruct" when calibration data is given, else "datafree" for
+    `sparsity`; 0 keeps them): whole heads, ranked by what they add to the output projection on 64
+    calibration inputs (by weight magnitude without calibration), pruned and never merged unless
+    identical to a kept head (attention.py). repair=None picks "reconstruct" when calibration data is given, else "datafree" for
     the merging methods and "none" for default pruning. BatchNorm is folded first (fold_bn).
     importance: a criterion name (importance.CRITERIA) or a torch-pruning Importance; the data-driven
     ones (taylor, chip, taylor_fm, thinet) are measured on the calibration data, with its labels when
@@ -233,7 +235,8 @@ def compress(model: nn.Module, example_inputs, sparsity: float = 0.5, method: st
     target.eval()
     pruner = IntraFusionPruner(target, example_inputs, importance=criterion, ignored_layers=ignored_layers,
                                fold_bn=fold_bn, calibration_batches=importance_batches,
-                               prune_output_layers=prune_output_layers, source_model=None if inplace else model)
+                               prune_output_layers=prune_output_layers, source_model=None if inplace else model,
+                               head_inputs=take(images, slice(0, IMPORTANCE_SAMPLES)) if images is not None else None)
     folded = copy.deepcopy(target) if repair != "none" else None  # the reference every repair compares with
     transport, rule = method_plan(method)
     results = pruner.prune("all", sparsity, transport, fusion_rule=rule, global_pruning=schedule == "global",

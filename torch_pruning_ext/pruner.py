@@ -17,7 +17,8 @@ from .bn_folding import FOLD_MODES, FoldedPair, fold_batchnorms
 from .conv_blocks import block_coupling, block_pruned, channel_blocks
 from .fusion import (UnsupportedGroup, channel_features, fuse_members, group_members, layer_roles,
                      prune_channels, transport_maps, uneven_member, zero_channels, FUSION_RULES)
-from .attention import check_heads, find_attention, head_scores, merge_twin_heads, prune_heads, zero_heads
+from .attention import (check_heads, find_attention, head_contributions, head_scores, merge_twin_heads, prune_heads,
+                        zero_heads)
 from .groups import (GroupInfo, attention_layers, describe_groups, describe_heads, full_group, numbered_roots,
                      out_channels, protected_layers, trace_graph)
 from .importance import build_importance, needs_data
@@ -83,12 +84,14 @@ class IntraFusionPruner:
     score_cache: a dict shared by pruners of identical copies of one model (same criterion and
     batches): the data-driven criteria's scores of groups measured before the model changes are
     kept there by group index and reused, so each costs one pass over the batches, not one per copy.
+    head_inputs: unlabelled inputs on which attention heads are ranked by what they add to the output
+    projection (attention.head_contributions); None ranks them by weight magnitude.
     """
 
     def __init__(self, model: nn.Module, example_inputs: torch.Tensor, importance="l1",
                  ignored_layers=None, fold_bn: str | None = None, calibration_batches=None,
                  score_cache: dict | None = None, prune_output_layers: bool = False,
-                 source_model: nn.Module | None = None):
+                 source_model: nn.Module | None = None, head_inputs=None):
         if fold_bn is not None:
             check_choice(fold_bn, FOLD_MODES, "fold_bn", also="or None")
         self.model = model
@@ -98,6 +101,7 @@ class IntraFusionPruner:
         if needs_data(self.importance) and not calibration_batches:
             raise ValueError(f"importance {importance!r} needs calibration_batches (inputs, labels)")
         self.calibration_batches = calibration_batches or []
+        self.head_inputs = head_inputs
         self.score_cache = score_cache if needs_data(self.importance) else None
         self.changed = False  # whether a group was pruned: cached scores no longer describe the model
         self.replaced = replace_transposed_linears(model)  # GPT-2's Conv1D layers become nn.Linear
@@ -222,14 +226,15 @@ class IntraFusionPruner:
         return results
 
     def _head_plans(self, indices, sparsity: float) -> dict[int, tuple]:
-        """Head group index -> (attention block, its lowest-magnitude units to remove at `sparsity`)."""
-        plans = {}
-        for index in indices:
-            block = self.attention[index - len(self.roots)]
-            scores = head_scores(self.model, block)
-            plans[index] = (block, sorted(scores.argsort(stable=True)[: block.units - kept_count(block.units, sparsity)]
-                                          .tolist()))
-        return plans
+        """Head group index -> (attention block, its least important units to remove at `sparsity`)."""
+        blocks = [self.attention[index - len(self.roots)] for index in indices]
+        if self.head_inputs is not None and blocks:
+            scores = head_contributions(self.model, blocks, self.head_inputs)
+        else:
+            scores = [head_scores(self.model, block) for block in blocks]
+        return {index: (block, sorted(score.argsort(stable=True)[: block.units - kept_count(block.units, sparsity)]
+                                      .tolist()))
+                for index, block, score in zip(indices, blocks, scores)}
 
     def _prune_heads(self, index, pruned, transport, keep_shape, skipped_reason) -> GroupResult:
         block = self.attention[index - len(self.roots)]
