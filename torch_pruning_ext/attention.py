@@ -17,7 +17,7 @@ understood is reported and left unpruned, never handed back broken.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -311,29 +311,65 @@ def _outputs_match(first, second) -> bool:
     return True
 
 
+def _scope(block: Attention) -> str:
+    """The smallest module holding all of the block's projections (BERT: the attention with its output)."""
+    parts = [name.split(".") for name in block.layers() + [block.o, block.name] if name]
+    common = []
+    for level in zip(*parts):
+        if len(set(level)) > 1:
+            break
+        common.append(level[0])
+    return ".".join(common)
+
+
+def _relative(block: Attention, scope: str) -> Attention:
+    """The block with its names relative to the module `scope`."""
+    def strip(name):
+        return name[len(scope) + 1:] if scope and name.startswith(scope + ".") else ("" if name == scope else name)
+    return replace(block, name=strip(block.name), q=strip(block.q), k=block.k and strip(block.k),
+                               v=block.v and strip(block.v), o=strip(block.o))
+
+
 @torch.no_grad()
 def check_heads(model: nn.Module, example_inputs, plans: dict[int, tuple[Attention, list[int]]]) -> dict[int, str]:
     """Index -> why, for the planned head removals that do not compute what zeroing those heads'
-    output columns computes (tried together first, then one by one)."""
-    def trial(selected) -> str | None:
-        masked, pruned = copy.deepcopy(model), copy.deepcopy(model)
-        for block, units in selected.values():
-            zero_heads(masked, block, units)
-            prune_heads(pruned, copy.copy(block), units)
-        with eval_mode(masked), eval_mode(pruned):
-            expected = run_model(masked, example_inputs)
-            try:
-                got = run_model(pruned, example_inputs)
-            except Exception as error:  # noqa: BLE001 - whatever the sliced forward raises is the finding
-                return f"{type(error).__name__}: {first_line(error)}"
-        return None if _outputs_match(got, expected) else \
-            "the sliced heads do not compute what the original computes without them (head layout not understood)"
+    output columns computes. One forward pass records each attention module's inputs; then only
+    copies of that module are sliced and compared, so a large model is never copied whole."""
     plans = {index: plan for index, plan in plans.items() if plan[1]}
-    if not plans or trial(plans) is None:
-        return {}
+    modules = dict(model.named_modules())
+    scopes = {index: _scope(block) for index, (block, _) in plans.items()}
+    captured: dict[str, tuple] = {}
+
+    def capture(scope):
+        def hook(_, args, kwargs):
+            captured.setdefault(scope, (args, kwargs))
+        return hook
+    handles = [modules[scope].register_forward_pre_hook(capture(scope), with_kwargs=True)
+               for scope in set(scopes.values())]
+    try:
+        with eval_mode(model):
+            run_model(model, example_inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
     broken = {}
-    for index, plan in plans.items():
-        reason = trial({index: plan})
-        if reason is not None:
-            broken[index] = reason
+    for index, (block, units) in plans.items():
+        scope = scopes[index]
+        if scope not in captured:
+            broken[index] = "the attention block does not run on the example inputs"
+            continue
+        args, kwargs = captured[scope]
+        local = _relative(block, scope)
+        masked, pruned = copy.deepcopy(modules[scope]).eval(), copy.deepcopy(modules[scope]).eval()
+        zero_heads(masked, local, units)
+        expected = masked(*args, **kwargs)
+        try:
+            prune_heads(pruned, local, units)
+            got = pruned(*args, **kwargs)
+        except Exception as error:  # noqa: BLE001 - whatever the sliced forward raises is the finding
+            broken[index] = f"{type(error).__name__}: {first_line(error)}"
+            continue
+        if not _outputs_match(got, expected):
+            broken[index] = ("the sliced heads do not compute what the original computes without them (head "
+                             "layout not understood)")
     return broken
