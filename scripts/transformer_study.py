@@ -115,12 +115,39 @@ def build_parser() -> OneLineParser:
     add("--methods", nargs="+", type=choice(METHODS, "method"), default=["default", "intra_fusion_fp", "fold"])
     add("--repairs", nargs="+", type=choice(REPAIR_MODES, "repair"), default=["none", "datafree", "reconstruct"])
     add("--calibration-samples", type=int, default=1024, help="unlabelled inputs for reconstruct")
+    add("--table", action="store_true", help="print the results file as Markdown tables and exit")
     return parser
+
+
+def tables(rows: list[dict]) -> str:
+    """Per sparsity: scope x method rows, the metric with each repair, then size, MACs and latency."""
+    dense = next(row for row in rows if row["method"] == "dense")
+    repairs = [r for r in ("none", "datafree", "reconstruct") if any(row["repair"] == r for row in rows)]
+    lines = [f"Dense: {dense['metric']} {dense['value']}, {int(dense['params']):,} parameters, "
+             f"{int(dense['macs']):,} MACs, {dense['latency_ms']} ms.", ""]
+    for level in sorted({float(row["sparsity"]) for row in rows} - {0.0}):
+        lines += [f"Sparsity {level}:", "", "| scope | method | " + " | ".join(repairs) + " | params | MACs | latency ms |",
+                  "|---|---|" + "---:|" * (len(repairs) + 3)]
+        cells = {(row["scope"], row["method"], row["repair"]): row for row in rows if float(row["sparsity"]) == level}
+        for scope in SCOPES:
+            for method in ("default", "intra_fusion", "intra_fusion_fp", "fold"):
+                present = [cells.get((scope, method, r)) for r in repairs]
+                if not any(present):
+                    continue
+                first = next(row for row in present if row)
+                values = [row["value"] if row else "-" for row in present]
+                lines.append(f"| {scope} | {method} | " + " | ".join(map(str, values)) +
+                             f" | {int(first['params']):,} | {int(first['macs']):,} | {first['latency_ms']} |")
+        lines.append("")
+    return "\n".join(lines)
 
 
 def study(args) -> int:
     checkpoint = Path(args.checkpoint or ROOT / "runs" / "checkpoints" / f"{args.model}.checkpoint")
     results = Path(args.results or ROOT / "docs" / "results" / "transformers" / f"{args.model}.csv")
+    if args.table:
+        print(tables(read_rows(results)))
+        return 0
     done = {row_key(row) for row in read_rows(results)}
     subject = Subject(args.model, checkpoint, args.calibration_samples)
     base = {"model": args.model, "sparsity": 0.0, "scope": "-", "method": "dense", "repair": "none"}
