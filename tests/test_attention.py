@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from torch_pruning_ext import IntraFusionPruner, OptimalTransport, compress, list_groups
+from torch_pruning_ext import IntraFusionPruner, OptimalTransport, compress, list_groups, sample_calibration
 from torch_pruning_ext.attention import find_attention, zero_heads
 from torch_pruning_ext.experiments.models import vit_tiny
 
@@ -284,3 +284,14 @@ def test_with_calibration_heads_are_ranked_by_what_they_add_to_the_output():
         small, _ = compress(model, images[:1], 0.25, "default", calibration, repair="none", ignored_layers=["patch_embed"])
         columns = small.blocks[0].attn.proj.weight.reshape(96, -1, width)
         assert bool((columns.abs().sum((0, 2)) == 0).any()) == zero_head_left
+
+
+def test_a_hugging_face_model_samples_with_its_cache_and_compress_reconstructs_on_the_samples():
+    torch.manual_seed(0)
+    model = _hf_llama(2).eval()
+    example = {"input_ids": torch.randint(0, 40, (1, 10))}
+    inputs, report = sample_calibration(model, example, n=6, batch_size=4)
+    assert report.cached and inputs["input_ids"].shape == (6, 10)
+    small, summary = compress(model, example, 0.5, "fold", "synthetic", calibration_samples=32)
+    assert summary.repair == "reconstruct" and summary.synthesis["sequences"] == 32 and summary.synthesis["cached"]
+    assert summary.repaired_layers and torch.isfinite(small(**example).logits).all()

@@ -12,6 +12,7 @@ from .methods import METHODS
 from .optimal_transport import OptimalTransport
 from .pruner import GroupResult, IntraFusionPruner, channel_origin
 from .reconstruction import repair_by_reconstruction
+from .sampling import SamplingReport, sample_calibration
 from .serialization import load_pruned, register_builder, save_pruned
 from .synthesis import SynthesisReport, synthesize_calibration
 
@@ -20,5 +21,6 @@ __version__ = "0.2.0"
 __all__ = ["CRITERIA", "ClusterFolding", "CompressionSummary", "FOLD_MODES", "FUSION_RULES", "GroupInfo",
            "GroupResult", "IntraFusionPruner", "METHODS", "OptimalTransport", "UnsupportedGroup", "build_importance",
            "channel_features", "channel_origin", "compress", "fold_batchnorms", "group_members", "identity_map", "list_groups",
-           "load_pruned", "register_builder", "repair_by_reconstruction", "save_pruned", "SynthesisReport",
+           "load_pruned", "register_builder", "repair_by_reconstruction", "sample_calibration", "SamplingReport",
+           "save_pruned", "SynthesisReport",
            "synthesize_calibration", "transport_maps"]

@@ -24,7 +24,8 @@ from .pruner import IntraFusionPruner, check_sparsity
 from .importance import build_importance, needs_data
 from .inputs import (batch_length, concatenate, first_line, map_tensors, run_model, shape_text, take,
                      tensors_of)
-from .synthesis import SYNTHETIC_SAMPLES, synthesize_calibration
+from .sampling import SAMPLED_SEQUENCES, sample_calibration, token_ids
+from .synthesis import SYNTHETIC_SAMPLES, has_batchnorm, synthesize_calibration
 from .reconstruction import RECONSTRUCT_COST, check_reconstruct_options
 from .repair import DATA_MODES, REPAIR_MODES, RepairJob, apply_repair, batchnorm_sources
 
@@ -193,8 +194,10 @@ def compress(model: nn.Module, example_inputs, sparsity: float = 0.5, method: st
     flatten) are left unpruned and listed in summary.skipped_groups, with a warning.
     Inputs the model cannot run are refused before any work; a model with non-finite outputs is
     never returned. calibration="synthetic" uses no data: calibration_samples (default 256) inputs
-    are synthesised from the model's BatchNorm statistics (synthesize_calibration; summary.synthesis
-    says how); real calibration uses up to calibration_samples (default 1024) inputs.
+    are synthesised from the model's BatchNorm statistics (synthesize_calibration), or, for a language
+    model called with token ids and without BatchNorm, sampled from the model itself
+    (sample_calibration); summary.synthesis says how. Real calibration uses up to calibration_samples
+    (default 1024) inputs.
     The reconstruction runs all calibration inputs in one pass, or batch_size at a time (less
     activation memory, more passes); a layer whose Gram matrices would exceed memory_budget bytes, or
     whose output-space fit would cost more than reconstruct_cost x its share of a forward pass
@@ -213,7 +216,10 @@ def compress(model: nn.Module, example_inputs, sparsity: float = 0.5, method: st
     synthesis = None
     if isinstance(calibration, str):
         check_choice(calibration, ("synthetic",), "calibration", also="a tensor, an iterable of batches or None")
-        calibration, synthesis = synthesize_calibration(model, example_inputs, calibration_samples or SYNTHETIC_SAMPLES)
+        language_model = token_ids(example_inputs) is not None and not has_batchnorm(model)
+        calibration, synthesis = (sample_calibration(model, example_inputs, calibration_samples or SAMPLED_SEQUENCES)
+                                  if language_model else
+                                  synthesize_calibration(model, example_inputs, calibration_samples or SYNTHETIC_SAMPLES))
     samples = calibration_samples or CALIBRATION_SAMPLES
     batches = calibration_batches(calibration, samples) if calibration is not None else None
     images = _concatenated(batches) if batches else None

@@ -40,6 +40,11 @@ def _batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
             and m.running_mean is not None and m.running_var is not None]
 
 
+def has_batchnorm(model: nn.Module) -> bool:
+    """Whether the model has the BatchNorm statistics synthesis matches."""
+    return bool(_batchnorms(model))
+
+
 def _batch_moments(captured: dict, batchnorms) -> list[tuple]:
     """(batch mean, batch variance, BatchNorm) per BatchNorm, in float32, from the inputs it received."""
     moments = []
@@ -103,7 +108,8 @@ def synthesize_calibration(model: nn.Module, example_inputs: torch.Tensor, n: in
     batchnorms = _batchnorms(model)
     if not batchnorms:
         raise ValueError(f"{type(model).__name__} has no BatchNorm with running statistics, which synthetic "
-                         "calibration matches; pass real calibration inputs instead")
+                         "calibration matches; pass real calibration inputs instead (a language model called with token "
+                         "ids gets sequences sampled from itself: sampling.sample_calibration)")
     generator = torch.Generator(device="cpu").manual_seed(seed)
     device = example_inputs.device
     captured: dict = {}
