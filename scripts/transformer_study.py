@@ -15,11 +15,11 @@ import time
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from latency import measure  # noqa: E402
 from torch_pruning_ext import compress  # noqa: E402
 from torch_pruning_ext.experiments.cli import OneLineParser, choice, run_cli, sparsity  # noqa: E402
 from torch_pruning_ext.experiments.data import dataset_info, load_split, normalize  # noqa: E402
@@ -86,15 +86,10 @@ class Subject:
 
     @torch.inference_mode()
     def latency(self, model, repeats: int = 5) -> float:
+        """Median milliseconds of one forward pass of the timing batch."""
         def run():
             return model(**self.timing_input) if isinstance(self.timing_input, dict) else model(self.timing_input)
-        run()
-        times = []
-        for _ in range(repeats):
-            started = time.perf_counter()
-            run()
-            times.append(1000 * (time.perf_counter() - started))
-        return round(float(np.median(times)), 2)
+        return round(measure(run, repeats, warmup=1)[0], 2)
 
     def scope(self, scope: str, level: float) -> dict:
         """compress() arguments that prune only `scope`: the residual width is kept by protecting the

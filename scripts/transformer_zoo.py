@@ -10,8 +10,6 @@ the original with those heads' output columns zeroed before anything changes (at
 from __future__ import annotations
 
 import copy
-import csv
-import io
 import sys
 import time
 import warnings
@@ -23,8 +21,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from torch_pruning_ext import IntraFusionPruner, OptimalTransport  # noqa: E402
-from torch_pruning_ext.experiments.cli import OneLineParser, run_cli  # noqa: E402
-from torch_pruning_ext.files import atomic_write_text  # noqa: E402
+from zoo import zoo_main  # noqa: E402
 
 VOCAB, WIDTH, LAYERS, HEADS, FFN = 64, 32, 2, 4, 64
 COMMON = dict(vocab_size=VOCAB, hidden_size=WIDTH, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
@@ -140,32 +137,8 @@ def page(rows: list[dict], command: str) -> str:
 
 
 def main(argv=None) -> int:
-    parser = OneLineParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=list(FAMILIES), choices=list(FAMILIES), metavar="MODEL")
-    parser.add_argument("--sparsity", type=float, default=0.5)
-    parser.add_argument("--csv", default=str(ROOT / "docs/results/transformer_zoo.csv"))
-    parser.add_argument("--page", default=str(ROOT / "docs/TRANSFORMER_ZOO.md"))
-    args = parser.parse_args(argv)
-    return run_cli("transformer_zoo.py", _run, args)
-
-
-def _run(args) -> int:
-    rows = []
-    for number, name in enumerate(args.models, 1):
-        rows += run_family(name, args.sparsity)
-        print(f"[{number}/{len(args.models)}] {name}: " + ", ".join(
-            f"{r['method']} {r['fused']}/{r['channel_groups'] + r['head_groups']} fused, {r['seconds']} s"
-            for r in rows[-2:]), flush=True)
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=FIELDS)
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(args.csv, buffer.getvalue())
-    command = "python scripts/transformer_zoo.py" + (f" --models {' '.join(args.models)}"
-                                                     if args.models != list(FAMILIES) else "")
-    atomic_write_text(args.page, page(rows, command))
-    print(f"wrote {args.csv} and {args.page}")
-    return 0
+    return zoo_main(argv, "transformer_zoo.py", __doc__, FAMILIES, run_family, FIELDS, page,
+                    "docs/results/transformer_zoo.csv", "docs/TRANSFORMER_ZOO.md")
 
 
 if __name__ == "__main__":

@@ -122,29 +122,41 @@ def page(rows: list[dict], command: str) -> str:
 
 
 def main(argv=None) -> int:
-    parser = OneLineParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=list(FAMILIES), choices=list(FAMILIES), metavar="MODEL")
+    return zoo_main(argv, "zoo.py", __doc__, FAMILIES, run_family, FIELDS, page, "docs/results/zoo.csv", "docs/ZOO.md")
+
+
+def zoo_main(argv, script: str, doc: str, families: dict, run_family, fields, page, csv_default: str,
+             page_default: str) -> int:
+    """The command line of a zoo script: run the families, then write the CSV and the page."""
+    parser = OneLineParser(prog=script, description=doc.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=list(families), choices=list(families), metavar="MODEL")
     parser.add_argument("--sparsity", type=float, default=0.5)
-    parser.add_argument("--csv", default=str(ROOT / "docs/results/zoo.csv"))
-    parser.add_argument("--page", default=str(ROOT / "docs/ZOO.md"))
-    args = parser.parse_args(argv)
-    return run_cli("zoo.py", _run, args)
+    parser.add_argument("--csv", default=str(ROOT / csv_default))
+    parser.add_argument("--page", default=str(ROOT / page_default))
+
+    def run(args) -> int:
+        rows = []
+        for number, name in enumerate(args.models, 1):
+            new = run_family(name, args.sparsity)
+            rows += new
+            print(f"[{number}/{len(args.models)}] {name}: " + ", ".join(
+                f"{r['method']} {r['fused']} fused, {r['seconds']} s" for r in new), flush=True)
+        command = f"python scripts/{script}" + (f" --models {' '.join(args.models)}"
+                                                if args.models != list(families) else "")
+        write_results(rows, fields, args.csv, args.page, page(rows, command))
+        return 0
+    return run_cli(script, run, parser.parse_args(argv))
 
 
-def _run(args) -> int:
-    rows = []
-    for number, name in enumerate(args.models, 1):
-        rows += run_family(name, args.sparsity)
-        print(f"[{number}/{len(args.models)}] {name}: " + ", ".join(
-            f"{r['method']} {r['fused']}/{r['groups']} fused, {r['seconds']} s" for r in rows[-2:]), flush=True)
+def write_results(rows: list[dict], fields: list[str], csv_path: str, page_path: str, page_text: str) -> None:
+    """The rows as CSV and the page, each replaced in one atomic rename."""
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=FIELDS)
+    writer = csv.DictWriter(buffer, fieldnames=fields)
     writer.writeheader()
     writer.writerows(rows)
-    atomic_write_text(args.csv, buffer.getvalue())
-    atomic_write_text(args.page, page(rows, "python scripts/zoo.py" + (f" --models {' '.join(args.models)}" if args.models != list(FAMILIES) else "")))
-    print(f"wrote {args.csv} and {args.page}")
-    return 0
+    atomic_write_text(csv_path, buffer.getvalue())
+    atomic_write_text(page_path, page_text)
+    print(f"wrote {csv_path} and {page_path}")
 
 
 if __name__ == "__main__":

@@ -22,8 +22,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn as nn
 
-from .inputs import first_line, run_model, tensors_of
-from .modes import eval_mode
+from .inputs import first_line, run_hooked, tensors_of
 
 Q_NAMES = ("q_proj", "query", "q", "to_q", "wq", "q_lin")
 K_NAMES = ("k_proj", "key", "k", "to_k", "wk", "k_lin")
@@ -195,13 +194,8 @@ def head_contributions(model: nn.Module, blocks: list[Attention], inputs) -> lis
                 totals[index][unit] += float((z[:, columns] @ weight[:, columns].t()).double().square().sum())
         return record
 
-    handles = [modules[block.o].register_forward_pre_hook(hook(i, block)) for i, block in enumerate(blocks)]
-    try:
-        with eval_mode(model):
-            run_model(model, inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
+    run_hooked(model, inputs, [modules[block.o].register_forward_pre_hook(hook(i, block))
+                               for i, block in enumerate(blocks)])
     return [total.float() for total in totals]
 
 
@@ -344,14 +338,8 @@ def check_heads(model: nn.Module, example_inputs, plans: dict[int, tuple[Attenti
         def hook(_, args, kwargs):
             captured.setdefault(scope, (args, kwargs))
         return hook
-    handles = [modules[scope].register_forward_pre_hook(capture(scope), with_kwargs=True)
-               for scope in set(scopes.values())]
-    try:
-        with eval_mode(model):
-            run_model(model, example_inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
+    run_hooked(model, example_inputs, [modules[scope].register_forward_pre_hook(capture(scope), with_kwargs=True)
+                                       for scope in set(scopes.values())])
     broken = {}
     for index, (block, units) in plans.items():
         scope = scopes[index]

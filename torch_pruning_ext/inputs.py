@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from .modes import eval_mode
+
 
 def run_model(model: nn.Module, inputs):
     """model(inputs), model(*inputs) or model(**inputs), by the batch's form."""
@@ -19,6 +21,16 @@ def run_model(model: nn.Module, inputs):
     if isinstance(inputs, (list, tuple)):
         return model(*inputs)
     return model(inputs)
+
+
+def run_hooked(model: nn.Module, inputs, handles: list):
+    """Run `model` on `inputs` in eval mode and remove the hook `handles` afterwards, also on error."""
+    try:
+        with eval_mode(model):
+            return run_model(model, inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def map_tensors(inputs, function):

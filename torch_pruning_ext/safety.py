@@ -24,7 +24,7 @@ import torch_pruning as tp
 from torch_pruning.pruner import function as F
 
 from .groups import ROOT_TYPES, full_group, out_channels, trace_graph
-from .inputs import first_line, run_model, shape_text, signature
+from .inputs import first_line, run_hooked, run_model, shape_text, signature
 from .modes import eval_mode
 
 _OUT_FNS = {F.prune_conv_out_channels, F.prune_linear_out_channels, F.prune_depthwise_conv_out_channels}
@@ -103,12 +103,7 @@ def probe_mapping(model: nn.Module, group, example_inputs, names: dict) -> str |
         # a norm over the channels spreads any change to all of them: pass channels through unchanged
         handles += [norm.register_forward_hook(lambda _, args, __: args[0]) for norm in model.modules()
                     if isinstance(norm, (nn.LayerNorm, nn.GroupNorm))]
-        try:
-            with eval_mode(model):
-                run_model(model, example_inputs)
-        finally:
-            for handle in handles:
-                handle.remove()
+        run_hooked(model, example_inputs, handles)
         return dict(captured)
 
     base = run(set())
