@@ -295,3 +295,15 @@ def test_a_hugging_face_model_samples_with_its_cache_and_compress_reconstructs_o
     small, summary = compress(model, example, 0.5, "fold", "synthetic", calibration_samples=32)
     assert summary.repair == "reconstruct" and summary.synthesis["sequences"] == 32 and summary.synthesis["cached"]
     assert summary.repaired_layers and torch.isfinite(small(**example).logits).all()
+
+
+def test_a_vit_with_pruned_heads_saves_and_loads_back_exactly(tmp_path):
+    from torch_pruning_ext import load_pruned, save_pruned
+    torch.manual_seed(0)
+    model = _random_ln(vit_tiny(10))
+    x = torch.randn(3, 3, 32, 32)
+    small, _ = compress(model, x[:1], 0.5, "fold", x, ignored_layers=None)
+    save_pruned(small, tmp_path / "vit.pt", "vit_tiny", 10)
+    loaded = load_pruned(tmp_path / "vit.pt")
+    assert loaded.blocks[0].attn.num_heads == 2
+    assert torch.equal(_run(loaded, x), _run(small, x))
