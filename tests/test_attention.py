@@ -138,6 +138,14 @@ def test_pruned_heads_compute_what_zeroing_them_computes(name):
         assert heads == 2  # the attribute (or the shared config) forward() reads says so
 
 
+@pytest.mark.parametrize("sparsity, pruned", [(0.3, 1), (0.5, 2), (0.6, 2), (0.9, 3)])
+def test_the_head_count_is_rounded_to_the_nearest_whole_head(sparsity, pruned):
+    model = TinyLM(4, 4).eval()
+    pruner = IntraFusionPruner(model, torch.randint(0, 40, (1, 6)))
+    results = pruner.prune(_head_indices(pruner), sparsity)
+    assert [len(r.pruned) for r in results] == [pruned, pruned]
+
+
 def test_grouped_query_attention_loses_whole_key_value_groups():
     model = TinyLM(4, 2).eval()
     pruner = IntraFusionPruner(model, torch.randint(0, 40, (1, 6)))

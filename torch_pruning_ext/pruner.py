@@ -60,6 +60,12 @@ def kept_count(channels: int, sparsity: float) -> int:
     return max(1, int(channels * (1 - sparsity)))
 
 
+def kept_heads(units: int, sparsity: float) -> int:
+    """Heads (or key-value groups) kept: the nearest whole number to units * (1 - s), at least one.
+    A block has few heads, and flooring as for channels would remove 2 of 4 heads at s=0.3."""
+    return max(1, round(units * (1 - sparsity)))
+
+
 def check_sparsity(sparsity, what: str = "sparsity") -> float:
     if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not math.isfinite(sparsity) \
             or not 0 <= sparsity < 1:
@@ -164,8 +170,9 @@ class IntraFusionPruner:
               global_pruning: bool = False, max_group_sparsity: float | None = None,
               head_sparsity: float | None = None, progress=None) -> list[GroupResult]:
         """Prune the selected groups at `sparsity`: the head groups first (`head_sparsity` of each
-        attention block's heads, default `sparsity`, by magnitude; never merged), then the channel
-        groups in the order given.
+        attention block's heads, default `sparsity`, rounded to whole heads (kept_heads); the least
+        important by head_inputs or magnitude; merged only with an identical kept head), then the
+        channel groups in the order given.
 
         transport=None gives default pruning. global_pruning ranks the channels of all selected
         channel groups together (scores computed before any pruning) and removes `sparsity` of them
@@ -232,7 +239,7 @@ class IntraFusionPruner:
             scores = head_contributions(self.model, blocks, self.head_inputs)
         else:
             scores = [head_scores(self.model, block) for block in blocks]
-        return {index: (block, sorted(score.argsort(stable=True)[: block.units - kept_count(block.units, sparsity)]
+        return {index: (block, sorted(score.argsort(stable=True)[: block.units - kept_heads(block.units, sparsity)]
                                       .tolist()))
                 for index, block, score in zip(indices, blocks, scores)}
 
