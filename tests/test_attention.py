@@ -315,3 +315,35 @@ def test_a_vit_with_pruned_heads_saves_and_loads_back_exactly(tmp_path):
     loaded = load_pruned(tmp_path / "vit.pt")
     assert loaded.blocks[0].attn.num_heads == 2
     assert torch.equal(_run(loaded, x), _run(small, x))
+
+
+def _metapruner_params(model, example, heads: dict, output_layer) -> int:
+    """Parameters after torch-pruning's own MetaPruner prunes half of everything, half of the heads too."""
+    import torch_pruning as tp
+    model = copy.deepcopy(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pruner = tp.pruner.MetaPruner(model, example, importance=tp.importance.GroupMagnitudeImportance(p=1),
+                                      pruning_ratio=0.5, ignored_layers=[output_layer(model)],
+                                      num_heads={layer(model): count for layer, count in heads.items()},
+                                      prune_num_heads=True, prune_head_dims=False, head_pruning_ratio=0.5)
+        pruner.step()
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", ["vit (fused qkv)", "hf llama, multi-head"])
+def test_parameter_counts_match_torch_prunings_own_pruner_with_heads(name):
+    """(MetaPruner's group search does not end on grouped-query attention, VainF/Torch-Pruning#527.)"""
+    if name.startswith("vit"):
+        model, x = vit_tiny(10).eval(), torch.randn(1, 3, 32, 32)
+        heads = {(lambda m, i=i: m.blocks[i].attn.qkv): 4 for i in range(4)}
+        output = (lambda m: m.head)
+    else:
+        model, x = _hf_llama(4).eval(), {"input_ids": torch.randint(0, 40, (1, 10))}
+        heads = {(lambda m, i=i, p=p: getattr(m.model.layers[i].self_attn, p)): 4 for i in range(2)
+                 for p in ("q_proj", "k_proj", "v_proj")}
+        output = (lambda m: m.lm_head)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _, summary = compress(model, x, 0.5, "default", repair="none")
+    assert summary.params_after == _metapruner_params(model, x, heads, output) < 0.3 * summary.params_before
