@@ -347,3 +347,36 @@ def test_parameter_counts_match_torch_prunings_own_pruner_with_heads(name):
         warnings.simplefilter("ignore")
         _, summary = compress(model, x, 0.5, "default", repair="none")
     assert summary.params_after == _metapruner_params(model, x, heads, output) < 0.3 * summary.params_before
+
+
+class UnnamedAttention(GroupedQueryAttention):
+    """Grouped-query attention whose projections have names this library does not look for."""
+
+    def __init__(self):
+        super().__init__()
+        self.wquery, self.wkey, self.wvalue, self.wout = self.q_proj, self.k_proj, self.v_proj, self.o_proj
+        del self.q_proj, self.k_proj, self.v_proj, self.o_proj
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q = _rotate(self.wquery(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2))
+        k = _rotate(self.wkey(x).view(b, t, self.num_key_value_heads, self.head_dim).transpose(1, 2))
+        v = self.wvalue(x).view(b, t, self.num_key_value_heads, self.head_dim).transpose(1, 2)
+        repeats = self.num_heads // self.num_key_value_heads
+        k, v = (z[:, :, None].expand(b, self.num_key_value_heads, repeats, t, self.head_dim)
+                .reshape(b, self.num_heads, t, self.head_dim) for z in (k, v))
+        return self.wout(F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, -1))
+
+
+def test_attention_it_does_not_recognise_is_left_unpruned_with_the_reason_and_the_rest_is_pruned():
+    model = TinyLM(4, 2).eval()
+    for layer in model.layers:
+        layer.self_attn = UnnamedAttention()
+    ids = torch.randint(0, 40, (8, 6))
+    with pytest.warns(UserWarning, match="would break the model"):
+        small, summary = compress(model, ids[:1], 0.5, "fold", ids)
+    assert set(summary.skipped_groups) == {"layers.0.self_attn.wvalue", "layers.1.self_attn.wvalue"}
+    assert all("invalid for input" in why for why in summary.skipped_groups.values())
+    assert summary.channels["layers.0.self_attn.wvalue"] == [16, 16] and summary.channels["layers.0.up_proj"] == [48, 24]
+    assert summary.channels["layers.0.self_attn.wout"] == [32, 16]  # the residual width is pruned
+    assert torch.isfinite(small(ids)).all()

@@ -48,7 +48,7 @@ def _attribute(module: nn.Module, names) -> tuple[str | None, int | None]:
 
 def _linear_child(module: nn.Module, names) -> tuple[str, nn.Linear] | tuple[None, None]:
     for name in names:
-        child = getattr(module, name, None)
+        child = module._modules.get(name)  # registered children only (not properties or aliases)
         if isinstance(child, nn.Sequential) and len(child) and isinstance(child[0], nn.Linear):
             return f"{name}.0", child[0]  # e.g. diffusers' to_out = [Linear, Dropout]
         if isinstance(child, nn.Linear):

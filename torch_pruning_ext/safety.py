@@ -263,10 +263,13 @@ def check_outputs(model: nn.Module, example_inputs, record: ForwardRecord, shape
 
 
 def touches_attributes(group, record: ForwardRecord) -> bool:
-    """Whether one of the recorded attributes equals a width of a layer in the group (then only a
-    trial shows whether pruning the group breaks forward())."""
+    """Whether one of the recorded attributes equals a width of a layer in the group, or the group's
+    channels pass a reshape in a forward() that reads integer attributes (a head count splitting them):
+    then only a trial shows whether pruning the group breaks forward()."""
     if not record.attributes:
         return False
+    if any(_reorders(item.dep.target.module) == "reshape" for item in group.items):
+        return True
     values = set(record.attributes.values())
     for item in group.items:
         module = item.dep.target.module
