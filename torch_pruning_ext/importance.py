@@ -154,6 +154,7 @@ class FeatureMapTaylorImportance(tp.importance.Importance):
     batches, L2-normalised per producing layer; a residual group averages its producers.
     """
     needs_data = True
+    loss = None  # as for TaylorImportance
 
     def __init__(self):
         self._scores: torch.Tensor | None = None
