@@ -112,6 +112,8 @@ def build_parser() -> OneLineParser:
     add("--repairs", nargs="+", type=choice(REPAIR_MODES, "repair"), default=["none", "reconstruct"])
     add("--calibration-samples", type=int, default=1024, help="unlabelled inputs for reconstruct")
     add("--table", action="store_true", help="print the results file as Markdown tables and exit")
+    add("--retime", action="store_true",
+        help="measure the latency of every architecture in the results file again (on an idle machine) and exit")
     return parser
 
 
@@ -146,6 +148,8 @@ def study(args) -> int:
         return 0
     done = {row_key(row) for row in read_rows(results)}
     subject = Subject(args.model, checkpoint, args.calibration_samples)
+    if args.retime:
+        return retime(subject, results)
     base = {"model": args.model, "sparsity": 0.0, "scope": "-", "method": "dense", "repair": "none"}
     if row_key(base) not in done:
         _, dense = compress(subject.model, subject.example, 0.0, "default", repair="none")  # counts only
@@ -172,6 +176,23 @@ def study(args) -> int:
         write_rows(results, [row], key=row_key, first_fields=FIELDS)
         print(f"[{number}/{len(cells)}] s={level} {scope} {method} {repair}: {subject.metric} {row['value']}, "
               f"params {summary.params_ratio:.2f}x, {seconds:.1f} s", flush=True)
+    return 0
+
+
+def retime(subject: Subject, results: Path) -> int:
+    """Latency depends on the architecture only, not on the repair: one plainly pruned copy per
+    (sparsity, scope, method) is timed and its latency written into every row of that architecture."""
+    rows = read_rows(results)
+    timed = {("0.0", "-", "dense"): subject.latency(subject.model)}
+    for level, scope, method in sorted({(row["sparsity"], row["scope"], row["method"]) for row in rows} - set(timed)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            small, _ = compress(subject.model, subject.example, float(level), method, repair="none",
+                                **subject.scope(scope, float(level)))
+        timed[(level, scope, method)] = subject.latency(small)
+        print(f"s={level} {scope} {method}: {timed[(level, scope, method)]} ms", flush=True)
+    write_rows(results, [row | {"latency_ms": timed[(row["sparsity"], row["scope"], row["method"])]} for row in rows],
+               key=row_key, first_fields=FIELDS)
     return 0
 
 
