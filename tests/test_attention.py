@@ -380,3 +380,23 @@ def test_attention_it_does_not_recognise_is_left_unpruned_with_the_reason_and_th
     assert summary.channels["layers.0.self_attn.wvalue"] == [16, 16] and summary.channels["layers.0.up_proj"] == [48, 24]
     assert summary.channels["layers.0.self_attn.wout"] == [32, 16]  # the residual width is pruned
     assert torch.isfinite(small(ids)).all()
+
+
+def test_global_pruning_spreads_the_head_budget_by_each_heads_share_except_under_a_shared_config():
+    from torch_pruning_ext.pruner import _global_head_counts
+    # block 0: one head carries everything; block 1: all alike -> block 0 loses 3, block 1 loses 1
+    scores = [torch.tensor([10.0, 0.01, 0.01, 0.01]), torch.tensor([1.0, 1.0, 1.0, 1.0])]
+    assert _global_head_counts(scores, 0.5) == [3, 1]
+    assert _global_head_counts([torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])], 0.9) == [1, 1]  # one kept each
+    x = torch.randn(8, 3, 32, 32)
+    torch.manual_seed(0)
+    model = vit_tiny(10).eval()
+    with torch.no_grad():
+        model.blocks[0].attn.proj.weight[:, 24:] *= 1e-3  # block 0 relies on its first head only
+    small, _ = compress(model, x[:1], 0.5, "default", x, schedule="global", ignored_layers=["patch_embed"])
+    counts = [block.attn.num_heads for block in small.blocks]
+    assert counts[0] == 1 and sum(counts) == 8 and min(counts) >= 1
+    hf = _hf_llama(4).eval()
+    ids = {"input_ids": torch.randint(0, 40, (8, 10))}
+    small, _ = compress(hf, {"input_ids": ids["input_ids"][:1]}, 0.5, "default", ids, schedule="global")
+    assert [layer.self_attn.q_proj.out_features for layer in small.model.layers] == [16, 16]

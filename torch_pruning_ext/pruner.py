@@ -203,7 +203,7 @@ class IntraFusionPruner:
         blocks = {index: channel_blocks(group, len(group[0].idxs), self.names) for index, group in unchanged.items()}
         record = record_forward(self.model, self.example_inputs)
         skipped = self._unsafe_groups(unchanged, sparsity, blocks, record, trial=not dimensionality_preserving)
-        head_plans = self._head_plans(head_indices, head_sparsity)
+        head_plans = self._head_plans(head_indices, head_sparsity, global_pruning)
         skipped.update(check_heads(self.model, self.example_inputs, head_plans))
         if skipped:
             warnings.warn("left unpruned because pruning them would break the model: " + "; ".join(
@@ -232,16 +232,23 @@ class IntraFusionPruner:
             raise RuntimeError(f"the pruned model no longer runs like the original on the example inputs: {problem}")
         return results
 
-    def _head_plans(self, indices, sparsity: float) -> dict[int, tuple]:
-        """Head group index -> (attention block, its least important units to remove at `sparsity`)."""
+    def _head_plans(self, indices, sparsity: float, global_pruning: bool = False) -> dict[int, tuple]:
+        """Head group index -> (attention block, its least important units to remove at `sparsity`).
+        global_pruning ranks the units of all blocks together by their share of their block's score
+        (round(s x all units) removed, at least one kept per block), except for blocks that share a
+        config object (Hugging Face): a shared head count must stay equal in all of them."""
         blocks = [self.attention[index - len(self.roots)] for index in indices]
         if self.head_inputs is not None and blocks:
             scores = head_contributions(self.model, blocks, self.head_inputs)
         else:
             scores = [head_scores(self.model, block) for block in blocks]
-        return {index: (block, sorted(score.argsort(stable=True)[: block.units - kept_heads(block.units, sparsity)]
-                                      .tolist()))
-                for index, block, score in zip(indices, blocks, scores)}
+        modules = dict(self.model.named_modules())
+        configs = [getattr(modules[block.name], "config", None) for block in blocks]
+        counts = [block.units - kept_heads(block.units, sparsity) for block in blocks]
+        if global_pruning and blocks and all(config is None for config in configs):
+            counts = _global_head_counts(scores, sparsity)
+        return {index: (block, sorted(score.argsort(stable=True)[:count].tolist()))
+                for index, block, score, count in zip(indices, blocks, scores, counts)}
 
     def _prune_heads(self, index, pruned, transport, keep_shape, skipped_reason) -> GroupResult:
         block = self.attention[index - len(self.roots)]
@@ -371,6 +378,22 @@ class IntraFusionPruner:
             origin = self.channel_origin.get(name, torch.arange(out_channels(layer)))
             self.channel_origin[name] = origin[positions[kept].flatten()]
         return {name: self.channel_origin[name] for name in producers}
+
+
+def _global_head_counts(scores: list[torch.Tensor], sparsity: float) -> list[int]:
+    """Units to remove per block: the round(s x all units) with the lowest share of their block's
+    total score, never a block's last unit."""
+    shares = [(float(value) / max(float(score.sum()), 1e-30), block, unit) for block, score in enumerate(scores)
+              for unit, value in enumerate(score.tolist())]
+    budget = round(sparsity * len(shares))
+    counts = [0] * len(scores)
+    for _, block, _ in sorted(shares):
+        if budget == 0:
+            break
+        if counts[block] < len(scores[block]) - 1:
+            counts[block] += 1
+            budget -= 1
+    return counts
 
 
 def _capped_plan(scores: dict[int, torch.Tensor], budget: int, cap: float) -> dict[int, list[int]]:
