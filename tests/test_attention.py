@@ -384,10 +384,10 @@ def test_attention_it_does_not_recognise_is_left_unpruned_with_the_reason_and_th
 
 def test_global_pruning_spreads_the_head_budget_by_each_heads_share_except_under_a_shared_config():
     from torch_pruning_ext.pruner import _global_head_counts
-    # block 0: one head carries everything; block 1: all alike -> block 0 loses 3, block 1 loses 1
-    scores = [torch.tensor([10.0, 0.01, 0.01, 0.01]), torch.tensor([1.0, 1.0, 1.0, 1.0])]
-    assert _global_head_counts(scores, 0.5) == [3, 1]
-    assert _global_head_counts([torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])], 0.9) == [1, 1]  # one kept each
+    # fraction lost after each removal: block 0 has one head carrying everything, block 1 four alike
+    curves = [[0.001, 0.002, 0.003, 1.0], [0.25, 0.5, 0.75, 1.0]]
+    assert _global_head_counts(curves, 0.5) == [3, 1]
+    assert _global_head_counts([[0.0, 1.0], [0.5, 1.0]], 0.9) == [1, 1]  # never a block's last head
     x = torch.randn(8, 3, 32, 32)
     torch.manual_seed(0)
     model = vit_tiny(10).eval()

@@ -163,6 +163,10 @@ def find_attention(model: nn.Module, ignored: set | frozenset = frozenset()) -> 
     return found
 
 
+def _unit_columns(block: Attention) -> list[torch.Tensor]:
+    return [block.unit_rows(torch.tensor([unit]))["o"] for unit in range(block.units)]
+
+
 def head_scores(model: nn.Module, block: Attention) -> torch.Tensor:
     """Magnitude of each unit: the L1 norm of its q/k/v rows and output-projection columns."""
     modules = dict(model.named_modules())
@@ -177,26 +181,40 @@ def head_scores(model: nn.Module, block: Attention) -> torch.Tensor:
 
 
 @torch.no_grad()
-def head_contributions(model: nn.Module, blocks: list[Attention], inputs) -> list[torch.Tensor]:
-    """Per block, what each unit adds to the output projection on `inputs`: the squared norm of
-    W_o[:, unit] z_unit summed over samples and positions (one forward pass for all blocks). Unlike the
-    magnitude it sees how much a head attends and how large its values are on real inputs."""
+def head_grams(model: nn.Module, blocks: list[Attention], inputs) -> list[torch.Tensor]:
+    """Per block and unit, the Gram matrix z_u^T z_u of the unit's inputs to the output projection on
+    `inputs` (float64), in one forward pass: what removal_order needs."""
     modules = dict(model.named_modules())
-    totals = [torch.zeros(block.units, dtype=torch.float64) for block in blocks]
+    grams = [[0.0] * block.units for block in blocks]
 
     def hook(index, block):
-        weight = modules[block.o].weight
+        columns = _unit_columns(block)
 
         def record(_, args):
-            z = args[0].detach().reshape(-1, args[0].shape[-1])
-            for unit in range(block.units):
-                columns = block.unit_rows(torch.tensor([unit]))["o"]
-                totals[index][unit] += float((z[:, columns] @ weight[:, columns].t()).double().square().sum())
+            z = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+            for unit, cols in enumerate(columns):
+                grams[index][unit] = grams[index][unit] + z[:, cols].t() @ z[:, cols]
         return record
 
     run_hooked(model, inputs, [modules[block.o].register_forward_pre_hook(hook(i, block))
                                for i, block in enumerate(blocks)])
-    return [total.float() for total in totals]
+    return grams
+
+
+def removal_order(model: nn.Module, block: Attention, gram: list | None = None) -> tuple[list[int], list[float]]:
+    """The block's units in the order they should go and, after each removal, the fraction lost: of
+    the weight magnitude without `gram`, else of the output projection's output energy, each unit
+    adding the energy of W_o[:, u] z_u (how much it attends and how large its values are on real inputs).
+    (Ranking instead by what is lost once the output projection is refitted without a unit, as the
+    reconstruct repair does, did worse on the trained ViT: 83.99% against 84.58% at half the heads.)"""
+    if gram is None:
+        scores = head_scores(model, block).double()
+    else:
+        weight = dict(model.named_modules())[block.o].weight.detach().double()
+        scores = torch.tensor([float((weight[:, c] @ g * weight[:, c]).sum()) for c, g in zip(_unit_columns(block), gram)],
+                              dtype=torch.float64)
+    order = scores.argsort(stable=True).tolist()
+    return order, (scores[order].cumsum(0) / scores.sum().clamp_min(1e-30)).tolist()
 
 
 @torch.no_grad()

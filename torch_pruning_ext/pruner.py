@@ -17,8 +17,7 @@ from .bn_folding import FOLD_MODES, FoldedPair, fold_batchnorms
 from .conv_blocks import block_coupling, block_pruned, channel_blocks
 from .fusion import (UnsupportedGroup, channel_features, fuse_members, group_members, layer_roles,
                      prune_channels, transport_maps, uneven_member, zero_channels, FUSION_RULES)
-from .attention import (check_heads, find_attention, head_contributions, head_scores, merge_twin_heads, prune_heads,
-                        zero_heads)
+from .attention import check_heads, find_attention, head_grams, merge_twin_heads, prune_heads, removal_order, zero_heads
 from .groups import (GroupInfo, attention_layers, describe_groups, describe_heads, full_group, numbered_roots,
                      out_channels, protected_layers, trace_graph)
 from .importance import build_importance, needs_data
@@ -91,7 +90,7 @@ class IntraFusionPruner:
     batches): the data-driven criteria's scores of groups measured before the model changes are
     kept there by group index and reused, so each costs one pass over the batches, not one per copy.
     head_inputs: unlabelled inputs on which attention heads are ranked by what they add to the output
-    projection (attention.head_contributions); None ranks them by weight magnitude.
+    projection (attention.removal_order); None ranks them by weight magnitude.
     """
 
     def __init__(self, model: nn.Module, example_inputs: torch.Tensor, importance="l1",
@@ -234,21 +233,19 @@ class IntraFusionPruner:
 
     def _head_plans(self, indices, sparsity: float, global_pruning: bool = False) -> dict[int, tuple]:
         """Head group index -> (attention block, its least important units to remove at `sparsity`).
-        global_pruning ranks the units of all blocks together by their share of their block's score
-        (round(s x all units) removed, at least one kept per block), except for blocks that share a
-        config object (Hugging Face): a shared head count must stay equal in all of them."""
+        global_pruning spreads round(s x all units) over the blocks by the smallest next loss (the
+        fraction of a block's output lost), at least one unit kept per block, except for blocks that
+        share a config object (Hugging Face): a shared head count must stay equal in all of them."""
         blocks = [self.attention[index - len(self.roots)] for index in indices]
-        if self.head_inputs is not None and blocks:
-            scores = head_contributions(self.model, blocks, self.head_inputs)
-        else:
-            scores = [head_scores(self.model, block) for block in blocks]
+        grams = (head_grams(self.model, blocks, self.head_inputs) if self.head_inputs is not None and blocks
+                 else [None] * len(blocks))
+        orders = [removal_order(self.model, block, gram) for block, gram in zip(blocks, grams)]
         modules = dict(self.model.named_modules())
-        configs = [getattr(modules[block.name], "config", None) for block in blocks]
         counts = [block.units - kept_heads(block.units, sparsity) for block in blocks]
-        if global_pruning and blocks and all(config is None for config in configs):
-            counts = _global_head_counts(scores, sparsity)
-        return {index: (block, sorted(score.argsort(stable=True)[:count].tolist()))
-                for index, block, score, count in zip(indices, blocks, scores, counts)}
+        if global_pruning and blocks and all(getattr(modules[block.name], "config", None) is None for block in blocks):
+            counts = _global_head_counts([curve for _, curve in orders], sparsity)
+        return {index: (block, sorted(order[:count]))
+                for index, block, (order, _), count in zip(indices, blocks, orders, counts)}
 
     def _prune_heads(self, index, pruned, transport, keep_shape, skipped_reason) -> GroupResult:
         block = self.attention[index - len(self.roots)]
@@ -380,19 +377,17 @@ class IntraFusionPruner:
         return {name: self.channel_origin[name] for name in producers}
 
 
-def _global_head_counts(scores: list[torch.Tensor], sparsity: float) -> list[int]:
-    """Units to remove per block: the round(s x all units) with the lowest share of their block's
-    total score, never a block's last unit."""
-    shares = [(float(value) / max(float(score.sum()), 1e-30), block, unit) for block, score in enumerate(scores)
-              for unit, value in enumerate(score.tolist())]
-    budget = round(sparsity * len(shares))
-    counts = [0] * len(scores)
-    for _, block, _ in sorted(shares):
-        if budget == 0:
+def _global_head_counts(curves: list[list[float]], sparsity: float) -> list[int]:
+    """Units to remove per block: round(s x all units) in all, each next one where it adds the least
+    to its block's lost fraction (curves[b][k]: lost after removing k + 1 units), never a block's last."""
+    budget = round(sparsity * sum(len(curve) for curve in curves))
+    counts = [0] * len(curves)
+    for _ in range(budget):
+        steps = [(curve[k] - (curve[k - 1] if k else 0.0), block) for block, (curve, k) in enumerate(zip(curves, counts))
+                 if k < len(curve) - 1]
+        if not steps:
             break
-        if counts[block] < len(scores[block]) - 1:
-            counts[block] += 1
-            budget -= 1
+        counts[min(steps)[1]] += 1
     return counts
 
 
