@@ -28,18 +28,20 @@ from torch_pruning_ext.experiments.models import build_model  # noqa: E402
 from torch_pruning_ext.experiments.results import read_rows, write_rows  # noqa: E402
 from torch_pruning_ext.experiments.text import (build_language_model, consecutive_windows, load_corpus,  # noqa: E402
                                                 perplexity, windows)
+from torch_pruning_ext.compress import SCHEDULES  # noqa: E402
 from torch_pruning_ext.methods import METHODS  # noqa: E402
 from torch_pruning_ext.repair import REPAIR_MODES  # noqa: E402
 
 MODELS = ("vit_tiny", "llama_bytes")
 SCOPES = ("mlp", "heads", "mlp+heads", "all")
-FIELDS = ["model", "sparsity", "scope", "method", "repair", "metric", "value", "params", "macs", "latency_ms",
+FIELDS = ["model", "sparsity", "scope", "schedule", "method", "repair", "metric", "value", "params", "macs", "latency_ms",
           "fused_groups", "unfused_groups", "skipped_groups", "compress_seconds"]
 VALIDATION_WINDOWS = 512  # held-out windows of 128 bytes (65,536 predicted bytes) per perplexity
 
 
 def row_key(row: dict) -> tuple:
-    return row["model"], float(row["sparsity"]), row["scope"], row["method"], row["repair"]
+    return (row["model"], float(row["sparsity"]), row["scope"], row.get("schedule") or "uniform", row["method"],
+            row["repair"])
 
 
 class Subject:
@@ -107,6 +109,8 @@ def build_parser() -> OneLineParser:
     add("--results", default=None, help="CSV the rows are merged into (default docs/results/transformers/MODEL.csv)")
     add("--sparsities", nargs="+", type=sparsity, default=[0.3, 0.5])
     add("--scopes", nargs="+", type=choice(SCOPES, "scope"), default=list(SCOPES))
+    add("--schedule", type=choice(SCHEDULES, "schedule"), default="uniform",
+        help="uniform: every group (and every block's heads) at the sparsity; global: ranked together")
     add("--methods", nargs="+", type=choice(METHODS, "method"), default=["default", "intra_fusion_fp", "fold"])
     # the data-free repair predicts statistics from BatchNorm, which these models do not have
     add("--repairs", nargs="+", type=choice(REPAIR_MODES, "repair"), default=["none", "reconstruct"])
@@ -126,16 +130,19 @@ def tables(rows: list[dict]) -> str:
     for level in sorted({float(row["sparsity"]) for row in rows} - {0.0}):
         lines += [f"Sparsity {level}:", "", "| scope | method | " + " | ".join(repairs) + " | params | MACs | latency ms |",
                   "|---|---|" + "---:|" * (len(repairs) + 3)]
-        cells = {(row["scope"], row["method"], row["repair"]): row for row in rows if float(row["sparsity"]) == level}
+        cells = {(row["scope"], row.get("schedule") or "uniform", row["method"], row["repair"]): row for row in rows
+                 if float(row["sparsity"]) == level}
         for scope in SCOPES:
-            for method in ("default", "intra_fusion", "intra_fusion_fp", "fold"):
-                present = [cells.get((scope, method, r)) for r in repairs]
-                if not any(present):
-                    continue
-                first = next(row for row in present if row)
-                values = [row["value"] if row else "-" for row in present]
-                lines.append(f"| {scope} | {method} | " + " | ".join(map(str, values)) +
-                             f" | {int(first['params']):,} | {int(first['macs']):,} | {first['latency_ms']} |")
+            for schedule in SCHEDULES:
+                for method in ("default", "intra_fusion", "intra_fusion_fp", "fold"):
+                    present = [cells.get((scope, schedule, method, r)) for r in repairs]
+                    if not any(present):
+                        continue
+                    first = next(row for row in present if row)
+                    values = [row["value"] if row else "-" for row in present]
+                    label = scope if schedule == "uniform" else f"{scope}, global"
+                    lines.append(f"| {label} | {method} | " + " | ".join(map(str, values)) +
+                                 f" | {int(first['params']):,} | {int(first['macs']):,} | {first['latency_ms']} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -159,22 +166,24 @@ def study(args) -> int:
     cells = [(s, scope, m, r) for s in args.sparsities for scope in args.scopes for m in args.methods
              for r in args.repairs
              if not (m == "default" and r == "datafree")  # nothing merged: nothing for the data-free repair to do
-             and row_key({"model": args.model, "sparsity": s, "scope": scope, "method": m, "repair": r}) not in done]
+             and row_key({"model": args.model, "sparsity": s, "scope": scope, "schedule": args.schedule, "method": m,
+                          "repair": r}) not in done]
     for number, (level, scope, method, repair) in enumerate(cells, 1):
         started = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             small, summary = compress(subject.model, subject.example, level, method,
                                       subject.calibration if repair == "reconstruct" else None, repair=repair,
-                                      **subject.scope(scope, level))
+                                      schedule=args.schedule, **subject.scope(scope, level))
         seconds = time.perf_counter() - started
-        row = {"model": args.model, "sparsity": level, "scope": scope, "method": method, "repair": repair,
+        row = {"model": args.model, "sparsity": level, "scope": scope, "schedule": args.schedule, "method": method,
+               "repair": repair,
                "metric": subject.metric, "value": subject.measure(small), "params": summary.params_after,
                "macs": summary.macs_after, "latency_ms": subject.latency(small), "fused_groups": summary.fused_groups,
                "unfused_groups": len(summary.unfused_groups), "skipped_groups": len(summary.skipped_groups),
                "compress_seconds": round(seconds, 1)}
         write_rows(results, [row], key=row_key, first_fields=FIELDS)
-        print(f"[{number}/{len(cells)}] s={level} {scope} {method} {repair}: {subject.metric} {row['value']}, "
+        print(f"[{number}/{len(cells)}] s={level} {scope} {args.schedule} {method} {repair}: {subject.metric} {row['value']}, "
               f"params {summary.params_ratio:.2f}x, {seconds:.1f} s", flush=True)
     return 0
 
@@ -183,16 +192,22 @@ def retime(subject: Subject, results: Path) -> int:
     """Latency depends on the architecture only, not on the repair: one plainly pruned copy per
     (sparsity, scope, method) is timed and its latency written into every row of that architecture."""
     rows = read_rows(results)
-    timed = {("0.0", "-", "dense"): subject.latency(subject.model)}
-    for level, scope, method in sorted({(row["sparsity"], row["scope"], row["method"]) for row in rows} - set(timed)):
+    def architecture(row):
+        schedule = row.get("schedule") or "uniform"
+        # the global schedule spreads heads by their ranking, which uses the calibration when the row had it
+        return row["sparsity"], row["scope"], schedule, row["method"], schedule == "global" and row["repair"] == "reconstruct"
+    timed = {("0.0", "-", "uniform", "dense", False): subject.latency(subject.model)}
+    for key in sorted({architecture(row) for row in rows} - set(timed)):
+        level, scope, schedule, method, calibrated = key
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            small, _ = compress(subject.model, subject.example, float(level), method, repair="none",
-                                **subject.scope(scope, float(level)))
-        timed[(level, scope, method)] = subject.latency(small)
-        print(f"s={level} {scope} {method}: {timed[(level, scope, method)]} ms", flush=True)
-    write_rows(results, [row | {"latency_ms": timed[(row["sparsity"], row["scope"], row["method"])]} for row in rows],
-               key=row_key, first_fields=FIELDS)
+            small, _ = compress(subject.model, subject.example, float(level), method,
+                                subject.calibration if calibrated else None, repair="none",
+                                schedule=schedule, **subject.scope(scope, float(level)))
+        timed[key] = subject.latency(small)
+        print(f"s={level} {scope} {schedule} {method}: {timed[key]} ms", flush=True)
+    write_rows(results, [row | {"latency_ms": timed[architecture(row)]} for row in rows], key=row_key,
+               first_fields=FIELDS)
     return 0
 
 
