@@ -108,7 +108,8 @@ def page(rows: list[dict], command: str) -> str:
              "torch-pruning's own pruner at the same ratio (L1 importance, same ignored output layers): our",
              "parameter count should match it. Seconds: graph trace, pruning and fusion on this machine's 2 CPU cores (idle).",
              "A group falls back (pruned without fusion, with a warning naming the layer) only where its",
-             "channels pass through a layer that mixes them: LayerNorm, multi-head attention.", "",
+             "channels pass through torchvision's nn.MultiheadAttention, whose inner width is tied to them",
+             "(LayerNorm scales and shifts are merged like other per-channel parameters).", "",
              f"Regenerate: `{command}`", "",
              "| model | method | groups | fused | params before | after | MetaPruner | vs MetaPruner | output | s | falls back because of |",
              "|---|---|---:|---:|---:|---:|---:|---:|---|---:|---|"]
