@@ -10,6 +10,7 @@ mlp+heads, all (+ the residual width through every norm and embedding). Rows are
 """
 from __future__ import annotations
 
+import itertools
 import sys
 import time
 import warnings
@@ -20,8 +21,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from latency import measure  # noqa: E402
-from torch_pruning_ext import compress  # noqa: E402
-from torch_pruning_ext.experiments.cli import OneLineParser, choice, run_cli, sparsity  # noqa: E402
+from torch_pruning_ext import compress, sample_calibration  # noqa: E402
+from torch_pruning_ext.experiments.cli import OneLineParser, choice, progress_bar, run_cli, sparsity  # noqa: E402
 from torch_pruning_ext.experiments.data import dataset_info, load_split, normalize  # noqa: E402
 from torch_pruning_ext.experiments.evaluation import accuracy  # noqa: E402
 from torch_pruning_ext.experiments.models import build_model  # noqa: E402
@@ -34,14 +35,14 @@ from torch_pruning_ext.repair import REPAIR_MODES  # noqa: E402
 
 MODELS = ("vit_tiny", "llama_bytes")
 SCOPES = ("mlp", "heads", "mlp+heads", "all")
-FIELDS = ["model", "sparsity", "scope", "schedule", "method", "repair", "metric", "value", "params", "macs", "latency_ms",
+FIELDS = ["model", "sparsity", "scope", "schedule", "calibration", "method", "repair", "metric", "value", "params", "macs", "latency_ms",
           "fused_groups", "unfused_groups", "skipped_groups", "compress_seconds"]
 VALIDATION_WINDOWS = 512  # held-out windows of 128 bytes (65,536 predicted bytes) per perplexity
 
 
 def row_key(row: dict) -> tuple:
-    return (row["model"], float(row["sparsity"]), row["scope"], row.get("schedule") or "uniform", row["method"],
-            row["repair"])
+    return (row["model"], float(row["sparsity"]), row["scope"], row.get("schedule") or "uniform",
+            row.get("calibration") or "data", row["method"], row["repair"])
 
 
 class Subject:
@@ -115,6 +116,8 @@ def build_parser() -> OneLineParser:
     # the data-free repair predicts statistics from BatchNorm, which these models do not have
     add("--repairs", nargs="+", type=choice(REPAIR_MODES, "repair"), default=["none", "reconstruct"])
     add("--calibration-samples", type=int, default=1024, help="unlabelled inputs for reconstruct")
+    add("--calibration", type=choice(("data", "sampled"), "calibration"), default="data",
+        help="data: held-out training inputs; sampled: text sampled from the language model itself (no data)")
     add("--table", action="store_true", help="print the results file as Markdown tables and exit")
     add("--retime", action="store_true",
         help="measure the latency of every architecture in the results file again (on an idle machine) and exit")
@@ -130,19 +133,21 @@ def tables(rows: list[dict]) -> str:
     for level in sorted({float(row["sparsity"]) for row in rows} - {0.0}):
         lines += [f"Sparsity {level}:", "", "| scope | method | " + " | ".join(repairs) + " | params | MACs | latency ms |",
                   "|---|---|" + "---:|" * (len(repairs) + 3)]
-        cells = {(row["scope"], row.get("schedule") or "uniform", row["method"], row["repair"]): row for row in rows
-                 if float(row["sparsity"]) == level}
-        for scope in SCOPES:
-            for schedule in SCHEDULES:
-                for method in ("default", "intra_fusion", "intra_fusion_fp", "fold"):
-                    present = [cells.get((scope, schedule, method, r)) for r in repairs]
-                    if not any(present):
-                        continue
-                    first = next(row for row in present if row)
-                    values = [row["value"] if row else "-" for row in present]
-                    label = scope if schedule == "uniform" else f"{scope}, global"
-                    lines.append(f"| {label} | {method} | " + " | ".join(map(str, values)) +
-                                 f" | {int(first['params']):,} | {int(first['macs']):,} | {first['latency_ms']} |")
+        cells = {(row["scope"], row.get("schedule") or "uniform", row.get("calibration") or "data", row["method"],
+                  row["repair"]): row for row in rows if float(row["sparsity"]) == level}
+        labels = [(scope, schedule, calibration) for scope in SCOPES for schedule in SCHEDULES
+                  for calibration in ("data", "sampled")]
+        for (scope, schedule, calibration), method in itertools.product(labels, ("default", "intra_fusion",
+                                                                              "intra_fusion_fp", "fold")):
+            present = [cells.get((scope, schedule, calibration, method, r)) for r in repairs]
+            if not any(present):
+                continue
+            first = next(row for row in present if row)
+            values = [row["value"] if row else "-" for row in present]
+            label = scope + ("" if schedule == "uniform" else ", global") + \
+                ("" if calibration == "data" else ", sampled text")
+            lines.append(f"| {label} | {method} | " + " | ".join(map(str, values)) +
+                         f" | {int(first['params']):,} | {int(first['macs']):,} | {first['latency_ms']} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -157,6 +162,13 @@ def study(args) -> int:
     subject = Subject(args.model, checkpoint, args.calibration_samples)
     if args.retime:
         return retime(subject, results)
+    if args.calibration == "sampled":
+        if subject.metric != "perplexity":
+            raise ValueError("--calibration sampled needs the language model (--model llama_bytes)")
+        with progress_bar("sampling calibration text") as advance:
+            subject.calibration, report = sample_calibration(subject.model, subject.example, args.calibration_samples,
+                                                             progress=advance)
+        print(f"sampled {report.sequences} x {report.length} tokens in {report.seconds:.0f} s", flush=True)
     base = {"model": args.model, "sparsity": 0.0, "scope": "-", "method": "dense", "repair": "none"}
     if row_key(base) not in done:
         _, dense = compress(subject.model, subject.example, 0.0, "default", repair="none")  # counts only
@@ -166,8 +178,9 @@ def study(args) -> int:
     cells = [(s, scope, m, r) for s in args.sparsities for scope in args.scopes for m in args.methods
              for r in args.repairs
              if not (m == "default" and r == "datafree")  # nothing merged: nothing for the data-free repair to do
-             and row_key({"model": args.model, "sparsity": s, "scope": scope, "schedule": args.schedule, "method": m,
-                          "repair": r}) not in done]
+             and not (args.calibration != "data" and r != "reconstruct")  # only reconstruct reads the calibration
+             and row_key({"model": args.model, "sparsity": s, "scope": scope, "schedule": args.schedule,
+                          "calibration": args.calibration, "method": m, "repair": r}) not in done]
     for number, (level, scope, method, repair) in enumerate(cells, 1):
         started = time.perf_counter()
         with warnings.catch_warnings():
@@ -176,8 +189,8 @@ def study(args) -> int:
                                       subject.calibration if repair == "reconstruct" else None, repair=repair,
                                       schedule=args.schedule, **subject.scope(scope, level))
         seconds = time.perf_counter() - started
-        row = {"model": args.model, "sparsity": level, "scope": scope, "schedule": args.schedule, "method": method,
-               "repair": repair,
+        row = {"model": args.model, "sparsity": level, "scope": scope, "schedule": args.schedule,
+               "calibration": args.calibration, "method": method, "repair": repair,
                "metric": subject.metric, "value": subject.measure(small), "params": summary.params_after,
                "macs": summary.macs_after, "latency_ms": subject.latency(small), "fused_groups": summary.fused_groups,
                "unfused_groups": len(summary.unfused_groups), "skipped_groups": len(summary.skipped_groups),
