@@ -232,12 +232,27 @@ def test_identity_map_equals_plain_pruning_bitwise_with_norms_and_embeddings_in_
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             results = IntraFusionPruner(model, x).prune("all", 0.5, transport, fusion_rule="function_preserving")
-        if transport is not None:  # the residual width (LayerNorms, embeddings) and the MLPs are fused
-            assert all(r.fused for r in results if "head" not in (r.fallback_reason or "") and r.producers
-                       and not r.producers[0].endswith(("qkv", "q_proj")))
+        if transport is not None:  # the residual width (LayerNorms, embeddings) and the ungated MLPs are fused
+            assert all(r.fused for r in results if r.producers and not r.producers[0].endswith(("qkv", "q_proj"))
+                       and "gated" not in (r.fallback_reason or ""))
+            assert next(r for r in results if r.group == 0).fused  # the residual width
         states[label] = model.state_dict()
     for key, value in states["plain"].items():
         assert torch.equal(value, states["identity"][key]), key
+
+
+def test_a_gated_mlp_is_pruned_not_merged_and_an_ungated_one_is_merged():
+    """silu(gate(x)) * up(x): an average of two neurons' rows is not the average of their products."""
+    for model, x, gated in ((TinyLM(4, 4).eval(), torch.randint(0, 40, (1, 6)), True),
+                            (vit_tiny(10).eval(), torch.randn(1, 3, 32, 32), False)):
+        pruner = IntraFusionPruner(model, x)
+        mlp = [i for i, g in enumerate(pruner.groups()) if g.root.endswith(("up_proj", "fc1"))]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            results = pruner.prune(mlp, 0.5, OptimalTransport(), fusion_rule="function_preserving")
+        assert [r.fused for r in results] == [not gated] * len(mlp)
+        if gated:
+            assert all("gate_proj and" in r.fallback_reason and "gated channels" in r.fallback_reason for r in results)
 
 
 def test_compress_prunes_heads_mlp_and_residual_width_of_a_hugging_face_llama_with_grouped_query_attention():
@@ -252,8 +267,10 @@ def test_compress_prunes_heads_mlp_and_residual_width_of_a_hugging_face_llama_wi
     assert summary.channels["model.layers.0.mlp.up_proj"] == [48, 24]
     assert summary.channels["model.layers.0.mlp.down_proj"] == [32, 16]
     assert not summary.skipped_groups
+    # heads and the gated MLPs are pruned without merging, the residual width is merged
     assert set(summary.unfused_groups) == {i for i, g in enumerate(list_groups(model, {"input_ids": ids[:1]}))
-                                          if g.root.endswith("self_attn")}
+                                          if g.root.endswith(("self_attn", "up_proj"))}
+    assert summary.fused_groups == 1
     assert small.model.layers[0].self_attn.num_key_value_groups == 2
     logits = _run(small, {"input_ids": ids[:4]})
     assert logits.shape == (4, 10, 40) and torch.isfinite(logits).all()

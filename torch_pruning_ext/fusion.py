@@ -85,14 +85,62 @@ def _positions(idxs, root_idxs, n: int, name: str) -> torch.Tensor:
     return torch.tensor([sorted(p) for p in per_channel], dtype=torch.long)
 
 
+def _producer_behind(node, depth: int = 3):
+    """The Conv/Linear node a value comes from, through at most `depth` weightless elementwise ops
+    (an activation), or None."""
+    for _ in range(depth + 1):
+        if isinstance(node.module, ROOT_TYPES):
+            return node
+        if not isinstance(node.module, tp.ops._ElementWiseOp) or len(node.inputs) != 1:
+            return None
+        node = node.inputs[0]
+    return None
+
+
+def _value_source(node, depth: int = 4):
+    """The module a layer's input comes from, looking through the reshapes and matrix products torch
+    traces around a Linear applied to 3-D inputs (weights' transposes are not values)."""
+    for _ in range(depth):
+        if not isinstance(node.module, (tp.ops._ElementWiseOp, tp.ops._ReshapeOp)):
+            break
+        values = [i for i in node.inputs if "TBackward" not in str(getattr(i.module, "_grad_fn", ""))]
+        if len(values) != 1:
+            break
+        node = values[0]
+    return node.module
+
+
+def gated_pair(group, names: dict) -> str | None:
+    """'a and b' when the group's channels are the elementwise product of two of its layers that read
+    the same input (a gated MLP: silu(gate(x)) * up(x)): no map of their rows merges such a product
+    (an average of two gates times an average of two values is not the average of the products), so
+    these channels are pruned, not merged. A squeeze-and-excitation scale reads another input and is
+    not such a pair."""
+    for item in group.items:
+        module = item.dep.target.module
+        if not isinstance(module, tp.ops._ElementWiseOp) or "Mul" not in str(getattr(module, "_grad_fn", "")):
+            continue
+        producers = [_producer_behind(node) for node in item.dep.target.inputs]
+        if len(producers) != 2 or not all(producers) or producers[0] is producers[1]:
+            continue
+        sources = [[_value_source(node) for node in producer.inputs] for producer in producers]
+        if len(sources[0]) == 1 and sources[0] == sources[1]:
+            return " and ".join(names.get(node.module, type(node.module).__name__) for node in producers)
+    return None
+
+
 def group_members(group, n: int, names: dict, strict: bool = True,
                   rule: str = "function_preserving") -> list[Member]:
-    """Classify the group's items; raises UnsupportedGroup naming any member fusion cannot mix.
+    """Classify the group's items; raises UnsupportedGroup naming any member fusion cannot mix
+    (or a gated pair, see gated_pair).
 
     strict=False skips such members instead (zeroing channels needs only the Conv/Linear ones).
     Under the reference rule, whose producer rows are sums, per-channel statistics and scales cannot
     follow (an average would no longer centre a summed channel): such "affine" members are refused.
     """
+    pair = gated_pair(group, names) if strict else None
+    if pair is not None:
+        raise UnsupportedGroup(f"{pair}: gated channels (their outputs are multiplied), which no map of the rows merges")
     members = []
     for item in group.items:
         module, fn = item.dep.target.module, item.dep.handler
