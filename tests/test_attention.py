@@ -38,15 +38,18 @@ class GroupedQueryAttention(nn.Module):
         self.o_proj = nn.Linear(heads * self.head_dim, dim, bias=False)
 
     def forward(self, x):
+        return self.attend(x, self.q_proj, self.k_proj, self.v_proj, self.o_proj)
+
+    def attend(self, x, q_layer, k_layer, v_layer, o_layer):
         b, t, _ = x.shape
-        q = _rotate(self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2))
-        k = _rotate(self.k_proj(x).view(b, t, self.num_key_value_heads, self.head_dim).transpose(1, 2))
-        v = self.v_proj(x).view(b, t, self.num_key_value_heads, self.head_dim).transpose(1, 2)
+        q = _rotate(q_layer(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2))
+        k = _rotate(k_layer(x).view(b, t, self.num_key_value_heads, self.head_dim).transpose(1, 2))
+        v = v_layer(x).view(b, t, self.num_key_value_heads, self.head_dim).transpose(1, 2)
         repeats = self.num_heads // self.num_key_value_heads
         k, v = (z[:, :, None].expand(b, self.num_key_value_heads, repeats, t, self.head_dim)
                 .reshape(b, self.num_heads, t, self.head_dim) for z in (k, v))
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+        return o_layer(out.transpose(1, 2).reshape(b, t, -1))
 
 
 class Layer(nn.Module):
@@ -375,14 +378,7 @@ class UnnamedAttention(GroupedQueryAttention):
         del self.q_proj, self.k_proj, self.v_proj, self.o_proj
 
     def forward(self, x):
-        b, t, _ = x.shape
-        q = _rotate(self.wquery(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2))
-        k = _rotate(self.wkey(x).view(b, t, self.num_key_value_heads, self.head_dim).transpose(1, 2))
-        v = self.wvalue(x).view(b, t, self.num_key_value_heads, self.head_dim).transpose(1, 2)
-        repeats = self.num_heads // self.num_key_value_heads
-        k, v = (z[:, :, None].expand(b, self.num_key_value_heads, repeats, t, self.head_dim)
-                .reshape(b, self.num_heads, t, self.head_dim) for z in (k, v))
-        return self.wout(F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, -1))
+        return self.attend(x, self.wquery, self.wkey, self.wvalue, self.wout)
 
 
 def test_attention_it_does_not_recognise_is_left_unpruned_with_the_reason_and_the_rest_is_pruned():

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from torch_pruning_ext import compress, sample_calibration
+from torch_pruning_ext import sample_calibration
 
 
 class Counting(nn.Module):
