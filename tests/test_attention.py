@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch_pruning as tp
 
 from torch_pruning_ext import IntraFusionPruner, OptimalTransport, compress, list_groups, sample_calibration
 from torch_pruning_ext.attention import find_attention, zero_heads
@@ -339,7 +340,6 @@ def test_a_vit_with_pruned_heads_saves_and_loads_back_exactly(tmp_path):
 
 def _metapruner_params(model, example, heads: dict, output_layer) -> int:
     """Parameters after torch-pruning's own MetaPruner prunes half of everything, half of the heads too."""
-    import torch_pruning as tp
     model = copy.deepcopy(model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -413,3 +413,43 @@ def test_global_pruning_spreads_the_head_budget_by_each_heads_share_except_under
     ids = {"input_ids": torch.randint(0, 40, (8, 10))}
     small, _ = compress(hf, {"input_ids": ids["input_ids"][:1]}, 0.5, "default", ids, schedule="global")
     assert [layer.self_attn.q_proj.out_features for layer in small.model.layers] == [16, 16]
+
+
+class PairsTransport:
+    """Merges channel 2c + 1 into channel 2c: a map that moves weights, so double mixing would show."""
+
+    def coupling(self, features, importance, kept):
+        plan = torch.zeros(len(features), len(kept), dtype=torch.float64)
+        for column, channel in enumerate(kept.tolist()):
+            plan[channel, column] = 1.0
+            if channel + 1 < len(features) and channel + 1 not in kept.tolist():
+                plan[channel + 1, column] = 1.0
+        return plan
+
+
+def test_tied_embeddings_fuse_like_untied_ones():
+    """The input embedding (a producer) and a tied output head (a consumer) share one tensor: each
+    must be mixed by its own map once, as if they were two tensors."""
+    torch.manual_seed(0)
+    tied = TinyLM(4, 4).eval()
+    tied.lm_head.weight = tied.embed_tokens.weight
+    untied = copy.deepcopy(tied)
+    untied.lm_head.weight = nn.Parameter(untied.embed_tokens.weight.detach().clone())
+    ids = torch.randint(0, 40, (2, 6))
+    outputs = []
+    for model in (tied, untied):
+        pruner = IntraFusionPruner(model, ids[:1], importance=FirstHalf())
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pruner.prune([0], 0.5, PairsTransport(), fusion_rule="function_preserving")
+        outputs.append(_run(model, ids))
+    assert torch.equal(outputs[0], outputs[1])
+    assert tied.lm_head.weight is not tied.embed_tokens.weight
+
+
+class FirstHalf(tp.importance.Importance):
+    """Even channels are important, odd ones are not (so PairsTransport merges each odd into the even before it)."""
+
+    def __call__(self, group):
+        n = len(group[0].idxs)
+        return torch.tensor([2.0 if c % 2 == 0 else 1.0 for c in range(n)])

@@ -297,10 +297,31 @@ def averaging_map(producer_map: torch.Tensor) -> torch.Tensor:
     return torch.where(total > 0, producer_map / torch.where(total > 0, total, 1), 0)
 
 
+@torch.no_grad()
+def untie_shared(members: list[Member]) -> list[str]:
+    """Give every member that shares a tensor with an earlier one (tied input and output embeddings)
+    its own copy, so each is mixed once, by its own map; returns the members untied."""
+    seen, untied = set(), []
+    for member in members:
+        if isinstance(member.module, nn.Parameter):
+            continue
+        for name in ("weight", "bias"):
+            tensor = getattr(member.module, name, None)
+            if not isinstance(tensor, nn.Parameter):
+                continue
+            if id(tensor) in seen:
+                setattr(member.module, name, nn.Parameter(tensor.detach().clone(), requires_grad=tensor.requires_grad))
+                untied.append(member.name)
+            seen.add(id(getattr(member.module, name)))
+    return untied
+
+
 def fuse_members(members: list[Member], kept: torch.Tensor, producer_map: torch.Tensor,
                  consumer_map: torch.Tensor) -> None:
-    """Apply the maps to every member: weights, biases, per-channel statistics and their gradients."""
+    """Apply the maps to every member: weights, biases, per-channel statistics and their gradients
+    (a tensor two members share is untied first: untie_shared)."""
     maps = {"producer": producer_map, "consumer": consumer_map, "affine": averaging_map(producer_map)}
+    untie_shared(members)
     for member in members:
         for tensor in member.tensors():
             _mix_into(member, tensor.data, maps[member.role], kept)
