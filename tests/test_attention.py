@@ -453,3 +453,29 @@ class FirstHalf(tp.importance.Importance):
     def __call__(self, group):
         n = len(group[0].idxs)
         return torch.tensor([2.0 if c % 2 == 0 else 1.0 for c in range(n)])
+
+
+def test_tied_embeddings_are_tied_again_after_plain_pruning_and_stay_apart_after_a_merge():
+    torch.manual_seed(0)
+    base = TinyLM(4, 4).eval()
+    base.lm_head.weight = base.embed_tokens.weight
+    ids = torch.randint(0, 40, (2, 6))
+    for transport, tied in ((None, True), (OptimalTransport(), False)):
+        model = copy.deepcopy(base)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            IntraFusionPruner(model, ids[:1]).prune("all", 0.5, transport, fusion_rule="function_preserving")
+        assert (model.lm_head.weight is model.embed_tokens.weight) == tied
+        assert model.embed_tokens.weight.shape == (40, 16)
+        assert torch.isfinite(_run(model, ids)).all()
+
+
+def test_reconstructing_a_tied_output_head_leaves_the_embedding_alone():
+    torch.manual_seed(0)
+    model = TinyLM(4, 4).eval()
+    model.lm_head.weight = model.embed_tokens.weight
+    ids = torch.randint(0, 40, (32, 6))
+    small, summary = compress(model, ids[:1], 0.5, "default", ids, ignored_layers=["embed_tokens"])  # width kept
+    assert "lm_head" in summary.repaired_layers
+    assert torch.equal(small.embed_tokens.weight, model.embed_tokens.weight)
+    assert not torch.equal(small.lm_head.weight, model.lm_head.weight)

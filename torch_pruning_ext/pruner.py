@@ -22,7 +22,7 @@ from .groups import (GroupInfo, attention_layers, describe_groups, describe_head
                      out_channels, protected_layers, trace_graph)
 from .importance import build_importance, needs_data
 from .optimal_transport import OptimalTransport
-from .standard_layers import replace_transposed_linears
+from .standard_layers import replace_transposed_linears, retie, tied_parameters
 from .safety import (breaking_groups, check_outputs, layer_widths, probe_mapping, record_forward, sync_attributes,
                      touches_attributes)
 from .checks import check_choice
@@ -201,6 +201,7 @@ class IntraFusionPruner:
         unchanged = {index: full_group(self.graph, self.roots[index]) for index in indices}
         blocks = {index: channel_blocks(group, len(group[0].idxs), self.names) for index, group in unchanged.items()}
         record = record_forward(self.model, self.example_inputs)
+        ties = tied_parameters(self.model)
         skipped = self._unsafe_groups(unchanged, sparsity, blocks, record, trial=not dimensionality_preserving)
         head_plans = self._head_plans(head_indices, head_sparsity, global_pruning)
         skipped.update(check_heads(self.model, self.example_inputs, head_plans))
@@ -226,6 +227,7 @@ class IntraFusionPruner:
             if progress is not None:
                 progress(len(results), total)
         self.size_attributes.update(sync_attributes(self.model, record.attributes, widths))
+        retie(ties)
         problem = check_outputs(self.model, self.example_inputs, record, shapes=not self.prune_output_layers)
         if problem is not None:
             raise RuntimeError(f"the pruned model no longer runs like the original on the example inputs: {problem}")

@@ -102,7 +102,9 @@ def _original_rows(original: nn.Module, selection: torch.Tensor) -> tuple[torch.
 
 @torch.no_grad()
 def _set_parameters(layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor) -> None:
-    layer.weight.copy_(weight.to(layer.weight.dtype))
+    # a new tensor, not a copy into the old one: a weight tied to another module (an output head tied
+    # to the input embedding) must not carry this layer's refit into that module
+    layer.weight = nn.Parameter(weight.to(layer.weight.dtype), requires_grad=layer.weight.requires_grad)
     if layer.bias is None:
         layer.bias = nn.Parameter(bias.to(layer.weight.dtype))
     else:

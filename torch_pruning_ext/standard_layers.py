@@ -1,8 +1,11 @@
-"""Layers that are nn.Linear in disguise, replaced by nn.Linear so torch-pruning can prune them.
+"""Layers as torch-pruning expects them, before and after pruning.
 
 Hugging Face's GPT-2 family computes x @ W + b with a `Conv1D` whose weight is stored (in, out):
 torch-pruning does not know it and would leave every such layer (attention and MLP) unpruned. An
 nn.Linear holding the transposed weight computes exactly the same.
+
+Tied weights (an input embedding that is also the output head) become two tensors when torch-pruning
+slices each module; where pruning left them equal they are tied again (`retie`).
 """
 from __future__ import annotations
 
@@ -36,3 +39,30 @@ def replace_transposed_linears(model: nn.Module) -> list[str]:
         setattr(model.get_submodule(parent_name) if parent_name else model, child, linear)
         replaced.append(name)
     return replaced
+
+
+def tied_parameters(model: nn.Module) -> list[list[tuple[nn.Module, str]]]:
+    """(module, parameter name) of every parameter that several modules share."""
+    owners: dict[int, list] = {}
+    for module in model.modules():
+        for name, parameter in module.named_parameters(recurse=False):
+            owners.setdefault(id(parameter), []).append((module, name))
+    return [places for places in owners.values() if len(places) > 1]
+
+
+@torch.no_grad()
+def retie(ties: list[list[tuple[nn.Module, str]]]) -> int:
+    """Share one tensor again between the places of each tie whose tensors are still equal (plain
+    pruning slices both alike; a merge mixes them by different maps and they stay apart); returns how
+    many ties were restored."""
+    restored = 0
+    for places in ties:
+        first = getattr(*places[0])
+        others = [getattr(module, name) for module, name in places[1:]]
+        if all(other is first for other in others):
+            continue
+        if all(other.shape == first.shape and torch.equal(other, first) for other in others):
+            for module, name in places[1:]:
+                setattr(module, name, first)
+            restored += 1
+    return restored
