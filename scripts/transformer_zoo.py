@@ -123,6 +123,9 @@ def page(rows: list[dict], command: str) -> str:
              "a key-value group under grouped-query attention). A group that would break the model is left "
              "unpruned (skipped, with the reason); attention heads are pruned whole and never merged unless "
              "identical to a kept head; GPT-2's Conv1D layers are replaced by equal nn.Linear layers first. "
+             "A tied input embedding and output head (gpt2, opt, gemma) stay tied after plain pruning; a merge "
+             "mixes them by different maps, so after it they are two tensors (the parameter counts differ by one "
+             "embedding). "
              "Seconds: graph trace, checks, pruning and fusion on 2 CPU cores.", "",
              f"Regenerate: `{command}`", "",
              "| model | attention | method | channel groups | head groups | fused | heads | params before | after "

@@ -245,7 +245,11 @@ def test_hugging_face_families_prune_whole_with_heads_and_never_break(name):
                                                (map(int, h.split("/")) for h in row["heads"].split()))
         assert ("gate_up_proj" in row["skipped"] and "does not follow a split" in row["skipped"]) if name == "phi3" \
             else row["skipped"] == ""
-    assert fused["params_after"] == default["params_after"]
+    # a tied input embedding and output head (GPT-2, OPT, Gemma) are tied again after plain pruning; after a
+    # merge they stay two tensors (the embedding is averaged as a producer, the head summed as a consumer)
+    tied = name in ("gpt2", "opt", "gemma")
+    assert fused["params_after"] - default["params_after"] == (transformer_zoo.VOCAB * transformer_zoo.WIDTH // 2
+                                                               if tied else 0)
     # only heads, and the gated MLPs of the LLaMA-style families, are pruned without fusion
     gated = "2 x gated channels (their outputs are multiplied), which no map of the rows merges"
     expected = {"2 x whole attention heads"} | ({gated} if name in ("llama", "llama_gqa", "llama_mqa", "mistral",
