@@ -21,8 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from torch_pruning_ext.experiments.cli import OneLineParser  # noqa: E402
 from torch_pruning_ext.experiments.data import DatasetUnavailable  # noqa: E402
 from torch_pruning_ext.experiments.text import (LM_CONFIG, build_language_model, consecutive_windows,  # noqa: E402
-                                                load_corpus, logits_of, perplexity, windows)
+                                                load_corpus, perplexity, windows)
 from torch_pruning_ext.files import atomic_torch_save  # noqa: E402
+from torch_pruning_ext.inputs import tensors_of  # noqa: E402
 
 VALIDATION_WINDOWS = 256  # windows of the held-out text the progress lines report on
 
@@ -86,7 +87,7 @@ def main(argv=None) -> int:
         batch = windows(train, args.batch_size, generator=generator)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(args.lr, step, args.steps)
-        logits = logits_of(model(input_ids=batch[:, :-1]))
+        logits = tensors_of(model(input_ids=batch[:, :-1]))[0]
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -21,6 +21,7 @@ from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
+from torch_pruning.pruner import function as F
 
 from .inputs import first_line, run_hooked, tensors_of
 
@@ -33,17 +34,16 @@ HEAD_ATTRIBUTES = ("num_heads", "num_attention_heads", "n_heads", "n_head", "hea
 KV_ATTRIBUTES = ("num_key_value_heads", "num_kv_heads", "n_kv_heads", "n_kv_head")
 GROUP_ATTRIBUTES = ("num_key_value_groups", "n_rep", "num_queries_per_kv")
 INNER_ATTRIBUTES = ("all_head_size", "inner_dim", "attn_dim", "split_size")  # heads x head dim, where a module keeps it
-DIM_ATTRIBUTES = ("head_dim", "attention_head_size", "d_head")
 
 
-def _attribute(module: nn.Module, names) -> tuple[str | None, int | None]:
-    """(name, value) of the first integer attribute of `module` (or of its `config`) in `names`."""
+def _attribute(module: nn.Module, names) -> int | None:
+    """The first positive integer attribute of `module` (or of its `config`) in `names`."""
     for owner in (module, getattr(module, "config", None)):
         for name in names:
             value = getattr(owner, name, None) if owner is not None else None
             if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-                return (name if owner is module else None), value
-    return None, None
+                return value
+    return None
 
 
 def _linear_child(module: nn.Module, names) -> tuple[str, nn.Linear] | tuple[None, None]:
@@ -111,11 +111,10 @@ class Attention:
 
 def _find(name: str, module: nn.Module, parent: nn.Module | None) -> Attention | None:
     """The attention block `module` is, or None (not attention, or a layout this module does not know)."""
-    _, heads = _attribute(module, HEAD_ATTRIBUTES)
+    heads = _attribute(module, HEAD_ATTRIBUTES)
     if heads is None or isinstance(module, nn.MultiheadAttention):
         return None
-    _, kv_heads = _attribute(module, KV_ATTRIBUTES)
-    kv_heads = kv_heads or heads
+    kv_heads = _attribute(module, KV_ATTRIBUTES) or heads
     q_name, q = _linear_child(module, Q_NAMES)
     k_name, k = _linear_child(module, K_NAMES)
     v_name, v = _linear_child(module, V_NAMES)
@@ -217,18 +216,8 @@ def removal_order(model: nn.Module, block: Attention, gram: list | None = None) 
     return order, (scores[order].cumsum(0) / scores.sum().clamp_min(1e-30)).tolist()
 
 
-@torch.no_grad()
-def _slice_rows(layer: nn.Linear, keep: torch.Tensor) -> None:
-    layer.weight = nn.Parameter(layer.weight.data[keep].clone(), requires_grad=layer.weight.requires_grad)
-    if layer.bias is not None:
-        layer.bias = nn.Parameter(layer.bias.data[keep].clone(), requires_grad=layer.bias.requires_grad)
-    layer.out_features = len(keep)
-
-
-@torch.no_grad()
-def _slice_columns(layer: nn.Linear, keep: torch.Tensor) -> None:
-    layer.weight = nn.Parameter(layer.weight.data[:, keep].clone(), requires_grad=layer.weight.requires_grad)
-    layer.in_features = len(keep)
+def _complement(kept: torch.Tensor, width: int) -> list[int]:
+    return sorted(set(range(width)) - set(kept.tolist()))
 
 
 def _kept(block: Attention, pruned: list[int]) -> torch.Tensor:
@@ -241,9 +230,9 @@ def prune_heads(model: nn.Module, block: Attention, pruned: list[int]) -> dict[s
     modules = dict(model.named_modules())
     kept = _kept(block, pruned)
     rows = block.unit_rows(kept)
-    for layer in block.layers():
-        _slice_rows(modules[layer], rows[layer])
-    _slice_columns(modules[block.o], rows["o"])
+    for layer in block.layers():  # torch-pruning's own slicing of the rows and columns that go
+        F.prune_linear_out_channels(modules[layer], _complement(rows[layer], modules[layer].out_features))
+    F.prune_linear_in_channels(modules[block.o], _complement(rows["o"], modules[block.o].in_features))
     per_unit = block.heads // block.units
     heads = len(kept) * per_unit
     kv_heads = len(kept) if block.kv_heads == block.units else block.kv_heads
@@ -339,7 +328,7 @@ def _relative(block: Attention, scope: str) -> Attention:
     def strip(name):
         return name[len(scope) + 1:] if scope and name.startswith(scope + ".") else ("" if name == scope else name)
     return replace(block, name=strip(block.name), q=strip(block.q), k=block.k and strip(block.k),
-                               v=block.v and strip(block.v), o=strip(block.o))
+                   v=block.v and strip(block.v), o=strip(block.o))
 
 
 @torch.no_grad()

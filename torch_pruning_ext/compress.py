@@ -182,8 +182,9 @@ def compress(model: nn.Module, example_inputs, sparsity: float = 0.5, method: st
     ids and an attention mask). Attention blocks lose `head_sparsity` of their heads (default:
     `sparsity`; 0 keeps them): whole heads, ranked by what they add to the output projection on 64
     calibration inputs (by weight magnitude without calibration), pruned and never merged unless
-    identical to a kept head (attention.py). repair=None picks "reconstruct" when calibration data is given, else "datafree" for
-    the merging methods and "none" for default pruning. BatchNorm is folded first (fold_bn).
+    identical to a kept head (attention.py). repair=None picks "reconstruct" when calibration data is
+    given, else "datafree" for the merging methods and "none" for default pruning. BatchNorm is folded
+    first (fold_bn).
     importance: a criterion name (importance.CRITERIA) or a torch-pruning Importance; the data-driven
     ones (taylor, chip, taylor_fm, thinet) are measured on the calibration data, with its labels when
     its batches carry them, else with the original model's own predictions as labels; `loss(outputs,

@@ -298,10 +298,10 @@ def averaging_map(producer_map: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def untie_shared(members: list[Member]) -> list[str]:
+def untie_shared(members: list[Member]) -> None:
     """Give every member that shares a tensor with an earlier one (tied input and output embeddings)
-    its own copy, so each is mixed once, by its own map; returns the members untied."""
-    seen, untied = set(), []
+    its own copy, so each is mixed once, by its own map."""
+    seen = set()
     for member in members:
         if isinstance(member.module, nn.Parameter):
             continue
@@ -311,9 +311,7 @@ def untie_shared(members: list[Member]) -> list[str]:
                 continue
             if id(tensor) in seen:
                 setattr(member.module, name, nn.Parameter(tensor.detach().clone(), requires_grad=tensor.requires_grad))
-                untied.append(member.name)
             seen.add(id(getattr(member.module, name)))
-    return untied
 
 
 def fuse_members(members: list[Member], kept: torch.Tensor, producer_map: torch.Tensor,

@@ -109,7 +109,7 @@ class IntraFusionPruner:
         self.head_inputs = head_inputs
         self.score_cache = score_cache if needs_data(self.importance) else None
         self.changed = False  # whether a group was pruned: cached scores no longer describe the model
-        self.replaced = replace_transposed_linears(model)  # GPT-2's Conv1D layers become nn.Linear
+        replace_transposed_linears(model)  # GPT-2's Conv1D layers become nn.Linear
         self.graph = trace_graph(model, example_inputs)
         self.folded: list[FoldedPair] = (fold_batchnorms(model, example_inputs, fold_bn, graph=self.graph)
                                          if fold_bn else [])

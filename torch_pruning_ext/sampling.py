@@ -38,10 +38,6 @@ def token_ids(example_inputs) -> torch.Tensor | None:
     return None
 
 
-def _logits(output) -> torch.Tensor:
-    return output.logits if hasattr(output, "logits") else tensors_of(output)[0]
-
-
 def _call(model, ids, as_dict: bool, **extra):
     return model(input_ids=ids, **extra) if as_dict or extra else model(ids)
 
@@ -65,7 +61,8 @@ def _sample_batch(model, first: torch.Tensor, length: int, temperature: float, g
     except TypeError:  # a model without the use_cache keyword
         output = _call(model, ids, as_dict)
     for _ in range(length - 1):
-        probabilities = torch.softmax(_logits(output)[:, -1].double() / temperature, dim=-1)
+        # the first output, as everywhere in the library: a Hugging Face ModelOutput's logits
+        probabilities = torch.softmax(tensors_of(output)[0][:, -1].double() / temperature, dim=-1)
         token = torch.multinomial(probabilities, 1, generator=generator).to(ids.dtype)
         ids = torch.cat([ids, token], dim=1)
         if cache is not None:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from ..modes import eval_mode
+from ..inputs import run_hooked
 
 FP32_BYTES = 4
 INDEX_BYTES = 4  # int32 column indices and row pointers
@@ -57,13 +57,7 @@ def peak_activation_bytes(model: nn.Module, example: torch.Tensor) -> int:
         tensors = [t for t in inputs if isinstance(t, torch.Tensor)] + [output]
         peak = max(peak, FP32_BYTES * sum(t.numel() for t in tensors))
 
-    handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
-    try:
-        with eval_mode(model):
-            model(example)
-    finally:
-        for handle in handles:
-            handle.remove()
+    run_hooked(model, example, [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())])
     return peak
 
 

@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..inputs import tensors_of
 from ..modes import eval_mode
 from .data import DatasetUnavailable
 
@@ -65,10 +66,6 @@ def build_language_model(config: dict | None = None) -> nn.Module:
     return transformers.LlamaForCausalLM(transformers.LlamaConfig(**(config or LM_CONFIG)))
 
 
-def logits_of(output) -> torch.Tensor:
-    return output.logits if hasattr(output, "logits") else output
-
-
 @torch.inference_mode()
 def perplexity(model: nn.Module, data: torch.Tensor, batch_size: int = 32) -> float:
     """exp(mean next-byte cross-entropy) over the windows `data` (from consecutive_windows)."""
@@ -76,7 +73,7 @@ def perplexity(model: nn.Module, data: torch.Tensor, batch_size: int = 32) -> fl
     with eval_mode(model):
         for start in range(0, len(data), batch_size):
             batch = data[start:start + batch_size]
-            logits = logits_of(model(input_ids=batch[:, :-1])).float()
+            logits = tensors_of(model(input_ids=batch[:, :-1]))[0].float()
             total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
                                      reduction="sum").item()
             count += batch[:, 1:].numel()
