@@ -158,13 +158,13 @@ def study(args) -> int:
     if args.table:
         print(tables(read_rows(results)))
         return 0
+    if args.calibration == "sampled" and args.model != "llama_bytes":
+        raise ValueError(f"--calibration sampled needs the language model (--model llama_bytes), not {args.model}")
     done = {row_key(row) for row in read_rows(results)}
     subject = Subject(args.model, checkpoint, args.calibration_samples)
     if args.retime:
         return retime(subject, results)
     if args.calibration == "sampled":
-        if subject.metric != "perplexity":
-            raise ValueError("--calibration sampled needs the language model (--model llama_bytes)")
         with progress_bar("sampling calibration text") as advance:
             subject.calibration, report = sample_calibration(subject.model, subject.example, args.calibration_samples,
                                                              progress=advance)
