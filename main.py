@@ -118,7 +118,7 @@ def run(args) -> int:
                                    args.thinet_samples) for criterion in args.importance_criteria}
     check_schedule(args.schedule, args.max_layer_sparsity)
     check_calibration(args.calibration, [args.repair], args.importance_criteria)
-    check_repair_batch_size(args.repair_batch_size, [args.repair])
+    check_repair_batch_size(args.repair_batch_size, [args.repair], args.repair_samples)
     output = check_results_file(args.output) if args.output else None
     if args.save_pruned:
         check_writable_dir(args.save_pruned, "--save-pruned")

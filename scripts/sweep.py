@@ -161,7 +161,7 @@ def sweep(args) -> int:
                      thinet_samples=args.thinet_samples)
     check_schedule(args.schedule, args.max_layer_sparsity)
     check_calibration(args.calibration, args.repair, args.criteria)
-    check_repair_batch_size(args.repair_batch_size, args.repair)
+    check_repair_batch_size(args.repair_batch_size, args.repair, args.repair_samples)
     index, count = args.shard or shard_from_environment()
     if args.save_pruned:
         check_writable_dir(args.save_pruned, "--save-pruned")

@@ -34,6 +34,10 @@ def test_patch_rows_times_weight_rows_is_the_layer(layer):
         # a channels-last input gives the same rows
         if x.dim() == 4:
             assert torch.equal(patch_rows(layer, x.contiguous(memory_format=torch.channels_last)), rows)
+        # picked rows are gathered alone, the same as those rows of the whole
+        picked = torch.randperm(len(rows))[:9]
+        assert torch.equal(patch_rows(layer, x, picked), rows[picked])
+        assert torch.allclose(output_rows(layer, x, layer.weight, picked), expected[picked], atol=1e-5)
 
 
 def test_linear_rows_are_tokens():
@@ -42,6 +46,7 @@ def test_linear_rows_are_tokens():
         assert samples_of(layer, x).shape == (2, 5, 6)
         assert torch.allclose(patch_rows(layer, x) @ weight_rows(layer, layer.weight).t() + layer.bias,
                               layer(x).reshape(-1, 4), atol=1e-6)
+        assert torch.equal(patch_rows(layer, x, torch.tensor([7, 2])), x.reshape(-1, 6)[[7, 2]])
 
 
 class Audio(nn.Module):

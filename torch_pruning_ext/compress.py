@@ -226,6 +226,7 @@ def compress(model: nn.Module, example_inputs, sparsity: float = 0.5, method: st
     images = _concatenated(batches) if batches else None
     if images is not None:
         _check_inputs(model, images, "calibration", example_inputs)
+        check_reconstruct_options(batch_size, samples=batch_length(images))
     if repair is None:
         repair = "reconstruct" if images is not None else ("none" if method == "default" else "datafree")
     if repair in DATA_MODES and images is None:

@@ -69,11 +69,13 @@ def rows_to_weight(layer: nn.Module, rows: torch.Tensor) -> torch.Tensor:
     return rows.reshape(shape[0], shape[2], shape[3], shape[1]).permute(0, 3, 1, 2)
 
 
-def patch_rows(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def patch_rows(layer: nn.Module, x: torch.Tensor, picked: torch.Tensor | None = None) -> torch.Tensor:
     """(positions, features): every patch the layer reads in `x` (samples as from samples_of), one row
-    per output position of every sample, features in the order of weight_rows."""
+    per output position of every sample, features in the order of weight_rows; with `picked` (indices
+    into those rows), only those rows, gathered without forming the others."""
     if isinstance(layer, nn.Linear):
-        return x.reshape(-1, x.shape[-1])
+        rows = x.reshape(-1, x.shape[-1])
+        return rows if picked is None else rows[picked]
     kernel, stride, dilation = _geometry(layer)
     padded = padded_input(layer, x).permute(0, 2, 3, 1).contiguous()  # N x H x W x C
     count, height, width, channels = padded.shape
@@ -82,13 +84,19 @@ def patch_rows(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     view = padded.as_strided((count, out_h, out_w, kernel[0], kernel[1], channels),
                              (height * row, stride[0] * row, stride[1] * column,
                               dilation[0] * row, dilation[1] * column, 1))
-    return view.reshape(count * out_h * out_w, -1)
+    if picked is None:
+        return view.reshape(count * out_h * out_w, -1)
+    sample, place = picked // (out_h * out_w), picked % (out_h * out_w)
+    return view[sample, place // out_w, place % out_w].reshape(len(picked), -1)
 
 
-def output_rows(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def output_rows(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor, picked: torch.Tensor | None = None) -> torch.Tensor:
     """(positions, outputs): what the layer computes from `x` with `weight` (of the layer's weight
-    shape) instead of its own, no bias, in the row order of patch_rows; a convolution runs as one
-    (fast) convolution, its patches are never formed."""
+    shape) instead of its own, no bias, in the row order of patch_rows (only the rows `picked`, if
+    given); all positions run as one (fast) convolution whose patches are never formed, a few picked
+    ones as their patches times the weight."""
+    if picked is not None:
+        return patch_rows(layer, x, picked) @ weight_rows(layer, weight).t()
     if isinstance(layer, nn.Linear):
         return x.reshape(-1, x.shape[-1]) @ weight.t()
     result = output_map(layer, padded_input(layer, x), weight)  # N x out x h x w

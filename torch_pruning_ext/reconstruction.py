@@ -8,11 +8,13 @@ over chunks) of at most RECONSTRUCT_POSITIONS_PER_FEATURE positions per weight c
 1-D kernel from lag correlations, without forming patches: patches.patch_gram), and may cost
 `cost` times its share of one forward pass; a layer whose output-space fit would cost more, or whose
 Gram matrices exceed `memory_budget`, gets the cheaper input-space channel map (reported with why).
-Memory: by default all calibration samples run through both models in one pass, so activation memory
-grows with their number. With a `batch_size`, one pass over a random `batch_size` of them refits the
-layers in order until one wants more samples than that (deep layers, few positions per sample); each
-remaining layer then gets its own streamed pass over the samples it reads, `batch_size` at a time,
-through the already corrected layers before it: memory set by the batch, time by the passes.
+One pass: the calibration samples, shuffled, run in chunks (`batch_size`, 256 by default), each
+through both models in worker threads that pause before every layer. A layer reads the first samples
+of the stream, as many as its fit wants: the chunks holding them are brought to it, the layer is
+refitted, and those chunks later run on through the corrected layer. Every sample thus runs through
+each model once, and memory is set by one chunk's activations plus what chunks waiting at deeper
+layers hold: layers with many positions per sample (large, early activations) want few samples, deep
+layers with few positions want many samples but hold little each.
 """
 from __future__ import annotations
 
@@ -41,6 +43,8 @@ RECONSTRUCT_MIN_SAMPLES = 256  # the positions are drawn from at least this many
 RECONSTRUCT_COST = 2.0  # a layer's output-space fit may cost this many times (its own multiply-adds on the
 #                         calibration set + an even share of the whole model's)
 _FREE_MACS = 2 ** 30  # an allowance of at least this (about 15 ms on two cores): small fits always fit
+RECONSTRUCT_BATCH = 256  # samples per chunk unless batch_size says otherwise
+MAX_CHUNKS = 256  # calibration samples run in at most this many chunks (two threads each)
 _GRAM_CHUNK_BYTES = 64 * 2 ** 20  # layer inputs (or patches) per accumulation step
 _GRAM_BLOCK = 512  # rows per block of the Gram matrix: only blocks on and below the diagonal are computed
 
@@ -138,7 +142,7 @@ class _InputFit:
         self.cross = torch.zeros(dim, n, dtype=torch.float64, device=pruned_in.device)
         self.total, self.samples = 0.0, 0
 
-    def add(self, pruned_in: torch.Tensor, original_in: torch.Tensor, first: int) -> None:
+    def add(self, pruned_in: torch.Tensor, original_in: torch.Tensor) -> None:
         per_sample = (self.k + self.cross.shape[1]) * 8 * (pruned_in[0].numel() // max(1, self.k))
         for part in _steps(pruned_in, per_sample):
             a, b = _channel_rows(pruned_in[part], self.layer).double(), _channel_rows(original_in[part], self.layer).double()
@@ -166,17 +170,16 @@ class _InputFit:
 class _OutputFit:
     """Output space: the weight W' (and bias) minimising |U' W'^T + b - U W^T|^2 + lambda |W' - W0|^2,
     U and U' the patches (one row per output position) the layer reads in the original and the pruned
-    model, at every position of the chosen samples; W the original rows of the kept outputs (or their
+    model, at a random share of the positions of the samples it reads; W the original rows of the kept outputs (or their
     fused mix), W0 the layer's weight as pruning and fusion left it. The ridge pulls towards W0, not
     towards zero, and the fit is solved for the change W' - W0 from residuals, so a layer whose inputs
     did not change keeps its weights exactly. U W^T is one convolution of the original input (its
     patches are never formed)."""
 
     def __init__(self, layer: nn.Module, original: nn.Module, rows: torch.Tensor, pruned_in: torch.Tensor,
-                 ridge: float, intercept: bool, chosen: torch.Tensor | None, keep: float, generator):
+                 ridge: float, intercept: bool, keep: float, generator):
         self.layer, self.ridge, self.intercept = layer, ridge, intercept
         self.keep, self.generator = keep, generator  # fraction of positions kept (an even random draw)
-        self.chosen = chosen  # sorted indices of the samples of the stream it reads, or None: all
         self.weight, self.bias = _original_rows(original, rows)
         self.current = weight_rows(layer, layer.weight.detach()).clone()  # W0, kept while the layer changes
         self.size = self.current.shape[1]
@@ -185,42 +188,36 @@ class _OutputFit:
         self.cross = torch.zeros(dim, len(self.weight), dtype=torch.float64, device=self.current.device)
         self.taps = lag_kernel(layer)  # a long 1-D kernel: Gram matrices from lag correlations, no patches
         width = self.size // self.taps * 3 if self.taps else dim  # floats per position held at once
-        self.per_sample = 4 * positions_per_sample(layer, pruned_in) * (width + 3 * len(self.weight))
+        self.positions = positions_per_sample(layer, pruned_in)
+        self.per_sample = 4 * max(1, round(keep * self.positions)) * (width + 3 * len(self.weight))
         self.total = self.before = 0.0
         self.offset, self.samples = None, 0
 
-    def add(self, pruned_in: torch.Tensor, original_in: torch.Tensor, first: int) -> None:
-        """Accumulate the samples of this chunk (stream positions first, first + 1, ...) it chose."""
+    def add(self, pruned_in: torch.Tensor, original_in: torch.Tensor) -> None:
+        """Accumulate the sums over one chunk of samples."""
         pruned_in, original_in = samples_of(self.layer, pruned_in), samples_of(self.layer, original_in)
-        if self.chosen is None:
-            picked = None
-        else:
-            inside = self.chosen[(self.chosen >= first) & (self.chosen < first + len(pruned_in))] - first
-            if not len(inside):
-                return
-            picked = inside.to(pruned_in.device)
-            pruned_in, original_in = pruned_in[picked], original_in[picked]
         target_weight = self.weight.to(original_in.dtype)
         for part in _steps(pruned_in, self.per_sample):
             if self.taps:
                 self._add_by_lags(pruned_in[part], original_in[part], target_weight)
                 continue
-            a = patch_rows(self.layer, pruned_in[part])  # positions x features
-            target = output_rows(self.layer, original_in[part], target_weight)  # positions x outputs
-            if self.keep < 1:
-                picked = torch.randperm(len(a), generator=self.generator)[:max(1, round(self.keep * len(a)))]
-                picked = picked.to(a.device)
-                a, target = a[picked], target[picked]
+            picked = None
+            if self.keep < 1:  # an even random draw of the chunk's positions; only their patches are formed
+                positions = len(pruned_in[part]) * self.positions
+                picked = torch.randperm(positions, generator=self.generator)[:max(1, round(self.keep * positions))]
+                picked = picked.to(pruned_in.device)
+            a = patch_rows(self.layer, pruned_in[part], picked)  # positions x features
+            target = output_rows(self.layer, original_in[part], target_weight, picked)  # positions x outputs
             # products in the layer's precision over one chunk, sums over chunks in float64; the
             # intercept is a constant extra input (its rows of the Gram matrices are sums)
-            residual = target - a @ self.current.t()
+            residual = torch.addmm(target, a, self.current.t(), alpha=-1)
             if self.intercept:
                 # with an intercept, inputs may be measured from any offset: from their mean in the first
                 # chunk, the float32 products keep their precision where inputs sit far from zero (e.g.
                 # after a ReLU and a BatchNorm shift), the solution no longer depends on how the products
                 # are split across threads, and the ridge scales with the inputs' spread, not their offset
                 self.offset = a.mean(0) if self.offset is None else self.offset
-                a = a - self.offset
+                a = a.sub_(self.offset) if picked is not None else a - self.offset  # gathered rows are a copy
             size = self.size
             _add_lower_gram(self.gram[:size, :size], a)
             self.cross[:size] += (a.t() @ residual).double()
@@ -279,7 +276,7 @@ class _DepthwiseFit:
         self.stats = torch.zeros(5, pruned_in.shape[1], dtype=torch.float64, device=pruned_in.device)
         self.count = self.samples = 0
 
-    def add(self, pruned_in: torch.Tensor, original_in: torch.Tensor, first: int) -> None:
+    def add(self, pruned_in: torch.Tensor, original_in: torch.Tensor) -> None:
         for a, b in zip(pruned_in.split(64), original_in.split(64)):
             a, b = _channel_rows(a, self.layer).double(), _channel_rows(b, self.layer).double()[self.origin]
             self.stats += torch.stack([(a * a).sum(1), a.sum(1), (a * b).sum(1), b.sum(1), (b * b).sum(1)])
@@ -348,20 +345,20 @@ def _output_fit_samples(layer: nn.Module, per_sample: int, count: int, allowance
     return samples, keep, ""
 
 
-def check_reconstruct_options(batch_size=None, memory_budget=None, cost: float = RECONSTRUCT_COST) -> None:
-    """One-line errors for options the reconstruction cannot use (before any work)."""
+def check_reconstruct_options(batch_size=None, memory_budget=None, cost: float = RECONSTRUCT_COST,
+                              samples: int | None = None) -> None:
+    """One-line errors for options the reconstruction cannot use (before any work); `samples`: how many
+    calibration samples it will read, if known."""
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
         raise ValueError(f"batch_size must be a positive integer (samples per forward pass) or None, got {batch_size!r}")
+    if batch_size is not None and samples is not None and -(-samples // batch_size) > MAX_CHUNKS:
+        raise ValueError(f"batch_size {batch_size} cuts {samples} calibration samples into more than {MAX_CHUNKS} "
+                         f"chunks (each runs in its own threads): use batch_size >= {-(-samples // MAX_CHUNKS)}")
     if memory_budget is not None and (isinstance(memory_budget, bool) or not isinstance(memory_budget, (int, float))
                                       or memory_budget <= 0):
         raise ValueError(f"memory_budget must be a positive number of bytes or None, got {memory_budget!r}")
     if isinstance(cost, bool) or not isinstance(cost, (int, float)) or not cost > 0:
         raise ValueError(f"cost must be a positive number (float('inf'): no limit), got {cost!r}")
-
-
-def _chosen(count: int, samples: int, generator) -> torch.Tensor | None:
-    """A sorted random choice of `samples` of `count` stream positions (None: all of them)."""
-    return None if samples >= count else torch.randperm(count, generator=generator)[:samples].sort().values
 
 
 class _Layout:
@@ -396,84 +393,87 @@ class _Layout:
         return hook
 
 
-class _OriginalSide:
-    """Runs the original model in a worker thread and hands over each named layer's input, one at a
-    time: the thread waits until the pruned side has used an input, so nothing is copied or held
-    twice. One thread serves every pass (a new thread per pass gets its own allocator arena, and the
-    process's memory grows pass after pass)."""
+class _Pauses:
+    """Pre-hooks on a model's named layers that pause whichever chunk run (a _ChunkRun thread) reaches
+    one; other callers (the main thread) pass through."""
 
-    def __init__(self, model: nn.Module):
-        self.model, self.modules = model, dict(model.named_modules())
-        self.jobs: queue.Queue = queue.Queue()
-        self.handoff, self.resume = queue.Queue(maxsize=1), queue.Queue()
-        self.stopped, self.error, self.offered, self.handles, self.waiting = False, None, set(), [], None
-        self.thread = threading.Thread(target=self._work, daemon=True)
-        self.thread.start()
-
-    def _work(self):
-        for inputs in iter(self.jobs.get, None):
-            try:
-                with torch.no_grad():
-                    run_model(self.model, inputs)
-            except _Stop:
-                pass
-            except BaseException as error:  # noqa: BLE001 - handed to the caller's thread
-                self.error = error
-            finally:
-                self.handoff.put((None, None))
-
-    def _offer(self, name):
-        def offer(_, args, kwargs):
-            if name in self.offered:
-                return None
-            self.offered.add(name)
-            self.handoff.put((name, args[0] if args else next(iter(kwargs.values()))))
-            self.resume.get()
-            if self.stopped:
-                raise _Stop
-            return None
-        return offer
-
-    def start(self, names: list[str], inputs) -> None:
-        """Begin a pass of the original over `inputs`, stopping before each of `names`."""
-        self.stopped, self.error, self.offered, self.waiting = False, None, set(), None
-        self.handles = [self.modules[name].register_forward_pre_hook(self._offer(name), with_kwargs=True)
+    def __init__(self, model: nn.Module, names: list[str]):
+        self.runs: dict[int, _ChunkRun] = {}
+        modules = dict(model.named_modules())
+        self.handles = [modules[name].register_forward_pre_hook(self._pause(name), with_kwargs=True)
                         for name in names]
-        self.jobs.put(inputs)
 
-    def _next(self) -> tuple:
-        item, self.waiting = (self.waiting, None) if self.waiting is not None else (self.handoff.get(), None)
-        return item
+    def _pause(self, name):
+        def hook(_, args, kwargs):
+            run = self.runs.get(threading.get_ident())
+            if run is not None:
+                run.reached(name, args[0] if args else next(iter(kwargs.values())))
+        return hook
 
-    def take(self, name: str) -> torch.Tensor:
-        got, tensor = self._next()
-        if got is None:
-            self.waiting = (None, None)  # finish() sees that it stopped
-            raise RuntimeError(f"the original model stopped before layer {name}"
-                               + (f": {self.error}" if self.error else ""))
-        if got != name:
-            self.release(stop=True)
-            raise RuntimeError(f"layer order differs between the models: original ran {got}, pruned ran {name}")
-        return tensor
-
-    def release(self, stop: bool = False) -> None:
-        """Let the original go on (or stop) and wait until it is at its next named layer (or done): the
-        two models never compute at the same time (overlapping them on one thread pool gave non-finite
-        results now and then, and does not run faster on few cores)."""
-        self.stopped = self.stopped or stop
-        self.resume.put(True)
-        self.waiting = self.handoff.get()
-
-    def finish(self) -> None:
-        """End the pass: the original stops where it is; its hooks are removed."""
-        self.stopped = True
-        while self._next()[0] is not None:  # it waits at one more layer: let it stop there
-            self.resume.put(True)
+    def close(self) -> None:
         for handle in self.handles:
             handle.remove()
 
-    def close(self) -> None:
-        self.jobs.put(None)
+
+class _ChunkRun:
+    """One model running on one chunk of the calibration samples in a worker thread, paused just before the
+    first call of each named layer: the scheduler reads the layer's input there, then lets it go on or
+    stops it. Only one run computes at a time (the scheduler waits for it): two models computing at once
+    on one thread pool gave non-finite results now and then, and are not faster on few cores."""
+
+    def __init__(self, model: nn.Module, pauses: _Pauses, order: list[str], inputs, label: str):
+        self.order, self.label, self.index, self.error = order, label, -1, None
+        self.handoff, self.resume = queue.Queue(maxsize=1), queue.Queue()
+        self.seen: set[str] = set()
+        self.thread = threading.Thread(target=self._work, args=(model, pauses, inputs), daemon=True)
+        self.thread.start()
+        self.at, self.tensor = self.handoff.get()  # paused before its first named layer (None: it ended)
+
+    def _work(self, model, pauses, inputs):
+        pauses.runs[threading.get_ident()] = self
+        try:
+            with torch.no_grad():
+                run_model(model, inputs)
+        except _Stop:
+            pass
+        except BaseException as error:  # noqa: BLE001 - handed to the scheduler's thread
+            self.error = error
+        finally:
+            del pauses.runs[threading.get_ident()]
+            self.handoff.put((None, None))
+
+    def reached(self, name: str, tensor: torch.Tensor) -> None:
+        if name in self.seen:  # a layer called again in the same forward runs as it is
+            return
+        self.seen.add(name)
+        self.handoff.put((name, tensor))
+        if self.resume.get():
+            raise _Stop
+
+    def input_of(self, name: str) -> torch.Tensor:
+        """Let the run go on until it is paused before `name` (every named layer before it, already
+        refitted, runs); the layer's input there."""
+        target = self.order.index(name)
+        while self.index < target:
+            if self.at is not None and self.index >= 0:
+                self.resume.put(False)
+                self.at, self.tensor = self.handoff.get()
+            self.index += 1
+            expected = self.order[self.index]
+            if self.at is None:
+                if self.error is not None:  # the model's own error, as if it had run in this thread
+                    raise self.error
+                raise RuntimeError(f"the {self.label} model stopped before layer {expected}")
+            if self.at != expected:
+                raise RuntimeError(f"layer order differs between the models: the original runs {expected} "
+                                   f"next, the {self.label} model runs {self.at}")
+        return self.tensor
+
+    def stop(self) -> None:
+        """End the run where it is paused and wait for its thread."""
+        while self.at is not None:
+            self.resume.put(True)
+            self.at, self.tensor = self.handoff.get()
         self.thread.join()
 
 
@@ -489,47 +489,11 @@ _TRIM = _libc_trim()
 
 
 def _return_freed_memory() -> None:
-    """Hand the memory of freed activations back to the system after a pass: glibc keeps it in its heap
-    otherwise, and pass after pass of the batched mode the process grew by hundreds of MiB."""
+    """Hand the memory of freed activations back to the system: glibc keeps it in the heap of the thread
+    that freed it, and with a thread per chunk the process held every chunk's largest activations at
+    once (ResNet18, 4 chunks of 256: +1.6 GiB peak, +0.7 GiB with this)."""
     if _TRIM is not None:
         _TRIM(0)
-
-
-def _paired_pass(side: _OriginalSide, pruned: nn.Module, names: list[str], inputs, visit) -> None:
-    """Run both models on `inputs`, calling visit(name, layer, pruned_in, original_in) just before each
-    named layer (in run order) of the pruned model runs; ends after the last of them."""
-    pending, layers = set(names), dict(pruned.named_modules())
-
-    def before(name):
-        def hook(layer, args, kwargs):
-            if name not in pending:
-                return None
-            pending.discard(name)
-            original_in = side.take(name)
-            last = not pending
-            try:
-                visit(name, layer, args[0] if args else next(iter(kwargs.values())), original_in)
-            except BaseException:
-                last = True
-                raise
-            finally:
-                side.release(stop=last)
-            if last:
-                raise _Stop
-            return None
-        return hook
-
-    handles = [layers[name].register_forward_pre_hook(before(name), with_kwargs=True) for name in names]
-    side.start(names, inputs)
-    try:
-        run_model(pruned, inputs)
-    except _Stop:
-        pass
-    finally:
-        for handle in handles:
-            handle.remove()
-        side.finish()
-        _return_freed_memory()
 
 
 @torch.no_grad()
@@ -551,93 +515,85 @@ def repair_by_reconstruction(original: nn.Module, pruned: nn.Module, channel_ori
     the input side of W (the data-driven counterpart of a transport map); it is also what an output-space
     layer falls back to when its fit would cost more than `cost` x (its multiply-adds on the inputs + an
     even share of the model's; float("inf"): never) or its Gram matrices exceed `memory_budget` bytes.
-    Layers are refitted in run order, each before it runs, so its corrected output feeds the next: the
-    original model runs in a thread beside the pruned one and hands over each layer's input. With
-    batch_size=None all inputs go through in one pass; with a batch_size, at most that many samples run
-    at once (see the module docstring: less memory, more passes). Depthwise convolutions get a scale and
+    Layers are refitted in run order, each before it runs, so its corrected output feeds the next. The
+    samples, shuffled, run in chunks of `batch_size` (None: RECONSTRUCT_BATCH), each chunk through both
+    models in worker threads that pause before every layer; a layer is refitted from as many chunks as
+    the samples it reads, the later chunks then run on through it: every sample runs through each model
+    once, and memory is set by one chunk's activations plus what waiting chunks hold at deeper, smaller
+    layers. Depthwise convolutions get a scale and
     shift per channel; other grouped convolutions and the layers in `skip` are left as they are.
     Returns, per layer, how it was refitted, how many samples it read and the fraction of its target's
     energy the fit explains (and, for a layer that fell back to the input space, why).
     """
     check_choice(space, RECONSTRUCT_SPACES, "reconstruction space")
-    check_reconstruct_options(batch_size, memory_budget, cost)
     generator = torch.Generator().manual_seed(seed)
     layers = {name: module for name, module in pruned.named_modules() if isinstance(module, ROOT_TYPES)}
     reference = dict(original.named_modules())
     names = [name for name in layers if name not in skip and name in reference]
-    # channels_last: oneDNN's fastest CPU convolutions
-    inputs = map_tensors(inputs, lambda t: as_fast_input(t, t.device))
     count = batch_length(inputs)
-    batch = count if batch_size is None else min(batch_size, count)
+    batch = min(batch_size or RECONSTRUCT_BATCH, count)
+    check_reconstruct_options(batch_size, memory_budget, cost, count)
+    # channels_last: oneDNN's fastest CPU convolutions; the samples shuffled, so that the first ones
+    # (all a layer that reads few of them sees) are a random choice
+    order = torch.randperm(count, generator=generator)
+    inputs = map_tensors(take(inputs, order), lambda t: as_fast_input(t, t.device))
+    chunks = [take(inputs, slice(start, start + batch)) for start in range(0, count, batch)]
     report: dict[str, dict] = {}
     with eval_mode(original), eval_mode(pruned), fast_layout(original), fast_layout(pruned):
         layout = _Layout(original, names, take(inputs, slice(0, 1)))
-        side = _OriginalSide(original)
         share = sum(layout.macs.values()) / max(1, len(layout.order))
-
-        plans: dict[str, tuple] = {}  # a layer deferred to the streamed passes is planned once
 
         def plan(name: str, layer: nn.Module) -> tuple[str, int, str]:
             """(kind, samples of the calibration set, detail): kind "skip", "per_channel", "input" (detail:
             why, for a fallback) or "output" (detail: the fraction of the samples' positions it keeps)."""
-            if name in plans:
-                return plans[name]
             if isinstance(layer, nn.modules.conv._ConvNd) and layer.groups > 1:
-                plans[name] = ("per_channel", batch, "") if _is_depthwise(layer) else ("skip", 0, "")
-            elif space == "output" and isinstance(layer, PATCH_TYPES):
+                return ("per_channel", batch, "") if _is_depthwise(layer) else ("skip", 0, "")
+            if space == "output" and isinstance(layer, PATCH_TYPES):
                 allowance = max(_FREE_MACS, cost * count * (layout.macs.get(name, 0) + share))
                 samples, keep, why = _output_fit_samples(layer, layout.positions[name], count, allowance, memory_budget)
-                plans[name] = ("output", samples, keep) if samples else ("input", batch, why)
-            else:
-                plans[name] = ("input", batch, "")
-            return plans[name]
+                return ("output", samples, keep) if samples else ("input", batch, why)
+            return "input", batch, ""
 
-        def make(name: str, layer: nn.Module, kind: str, detail, pruned_in, original_in, chosen):
+        def make(name: str, layer: nn.Module, kind: str, detail, pruned_in, original_in):
             origin = channel_origin.get(name, torch.arange(out_channels(layer)))
             rows = (row_maps or {}).get(name, origin)
             if kind == "per_channel":
                 return _DepthwiseFit(layer, reference[name], origin, pruned_in, ridge, intercept)
             if kind == "input":
                 return _InputFit(layer, reference[name], rows, pruned_in, original_in, ridge, intercept, detail)
-            return _OutputFit(layer, reference[name], rows, pruned_in, ridge, intercept, chosen, detail, generator)
+            return _OutputFit(layer, reference[name], rows, pruned_in, ridge, intercept, detail, generator)
 
-        # one pass over `batch` samples (all of them, or a random subset) refits every layer in run order
-        # until one wants more samples than that; the rest are refitted one streamed pass each
-        subset = _chosen(count, batch, generator)
-        first = inputs if subset is None else take(inputs, subset)
-        deferred: list[str] = []
-
-        def refit_now(name, layer, pruned_in, original_in):
-            kind, samples, detail = plan(name, layer)
-            if kind == "skip":
-                report[name] = {"mode": "skipped (grouped convolution)"}
-                return
-            if samples > batch_length(first):
-                deferred.extend(layout.order[layout.order.index(name):])
-                raise _Stop
-            chosen = _chosen(batch_length(first), samples, generator)
-            fit = make(name, layer, kind, detail, pruned_in, original_in, chosen)
-            fit.add(pruned_in, original_in, 0)
-            report[name] = fit.apply()
-
+        pauses = [_Pauses(original, layout.order), _Pauses(pruned, layout.order)]
+        runs: list[tuple[_ChunkRun, _ChunkRun]] = []  # (pruned, original) per chunk started so far
+        last = 0  # the chunk that ran last
         try:
-            _paired_pass(side, pruned, layout.order, first, refit_now)
-            for name in deferred:
+            for name in layout.order:
                 kind, samples, detail = plan(name, layers[name])
                 if kind == "skip":
                     report[name] = {"mode": "skipped (grouped convolution)"}
                     continue
-                fits = []
-
-                def accumulate(_, layer, pruned_in, original_in, name=name, kind=kind, detail=detail, fits=fits):
-                    if not fits:
-                        fits.append(make(name, layer, kind, detail, pruned_in, original_in, None))
-                    fits[0].add(pruned_in, original_in, 0)
-
-                chosen = _chosen(count, samples, generator)
-                for part in (torch.arange(count) if chosen is None else chosen).split(batch):
-                    _paired_pass(side, pruned, [name], take(inputs, part), accumulate)
-                report[name] = fits[0].apply()
+                fit = None
+                for index in range(-(-samples // batch)):
+                    if index == len(runs):
+                        runs.append((_ChunkRun(pruned, pauses[1], layout.order, chunks[index], "pruned"),
+                                     _ChunkRun(original, pauses[0], layout.order, chunks[index], "original")))
+                    if index != last:  # what the runs freed so far, held in their threads' heaps
+                        _return_freed_memory()
+                        last = index
+                    pruned_run, original_run = runs[index]
+                    pruned_in, original_in = pruned_run.input_of(name), original_run.input_of(name)
+                    wanted = samples - index * batch  # the last chunk a layer reads may be read in part
+                    if wanted < batch_length(pruned_in):
+                        pruned_in, original_in = pruned_in[:wanted], original_in[:wanted]
+                    fit = fit or make(name, layers[name], kind, detail, pruned_in, original_in)
+                    fit.add(pruned_in, original_in)
+                    del pruned_in, original_in
+                report[name] = fit.apply()
         finally:
-            side.close()
+            for pruned_run, original_run in runs:
+                pruned_run.stop()
+                original_run.stop()
+            for hooks in pauses:
+                hooks.close()
+            _return_freed_memory()
     return report

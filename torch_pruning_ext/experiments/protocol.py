@@ -144,9 +144,10 @@ def repair_images(pool, info, count: int, seed: int) -> torch.Tensor:
     return normalize(pool.images[order], info)
 
 
-def check_repair_batch_size(batch_size: int | None, repairs) -> None:
-    """Before any work: a reconstruction batch size is a positive integer, for a run that reconstructs."""
-    check_reconstruct_options(batch_size)
+def check_repair_batch_size(batch_size: int | None, repairs, samples: int | None = None) -> None:
+    """Before any work: a reconstruction batch size is a positive integer, for a run that reconstructs
+    (of `samples` calibration samples, if given: not cut into too many chunks)."""
+    check_reconstruct_options(batch_size, samples=samples)
     if batch_size is not None and "reconstruct" not in repairs:
         raise ValueError(f"--repair-batch-size {batch_size} applies to --repair reconstruct only, not "
                          f"{' '.join(repairs)}")
