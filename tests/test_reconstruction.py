@@ -1,5 +1,6 @@
-"""The scalable reconstruction: patch rows, the cost and memory bounds, the streamed second phase."""
+"""The scalable reconstruction: patch rows, the cost and memory bounds, the pass in chunks."""
 import copy
+import threading
 
 import pytest
 import torch
@@ -85,19 +86,19 @@ def _error(original, pruned, x):
         return float((pruned(x) - original(x)).pow(2).mean() / original(x).pow(2).mean())
 
 
-def test_streamed_second_phase_keeps_an_unpruned_model_and_reads_every_sample():
+def test_chunks_keep_an_unpruned_model_and_the_head_reads_every_sample():
     torch.manual_seed(0)
     model = Audio().eval()
     fold_batchnorms(model, torch.randn(1, 256), "reference")
     copied, x = copy.deepcopy(model), torch.randn(96, 256)
     report = repair_by_reconstruction(model, copied, {}, x, batch_size=20, cost=float("inf"))
     assert all(entry["mode"] == "output" and entry["explained"] > 0.999 for entry in report.values())
-    # the head (one position per sample) wants more samples than one batch: it read all 96, streamed
+    # the head (one position per sample) wants more samples than one chunk: it read all 96, from 5 chunks
     assert report["head"]["samples"] == 96
     assert torch.allclose(copied(x), model(x), atol=1e-4, rtol=1e-4)
 
 
-def test_two_phases_reconstruct_about_as_well_as_one_pass():
+def test_chunks_reconstruct_about_as_well_as_one_chunk():
     torch.manual_seed(1)
     x = torch.randn(160, 256)
     original, pruned, origin = _pruned_pair(Audio(), x)
@@ -110,6 +111,47 @@ def test_two_phases_reconstruct_about_as_well_as_one_pass():
         errors[batch_size] = _error(original, refit, held_out)
     assert errors[160] < 0.5 * before
     assert errors[40] < 1.25 * errors[160]
+
+
+def test_every_sample_runs_through_each_model_once_and_nothing_is_left_behind():
+    torch.manual_seed(5)
+    x = torch.randn(96, 256)
+    original, pruned, origin = _pruned_pair(Audio(), x)
+    seen = {"original": 0, "pruned": 0}
+    counters = [model.conv1.register_forward_pre_hook(lambda _, args, key=key: seen.__setitem__(key, seen[key] + len(args[0])))
+                for key, model in (("original", original), ("pruned", pruned))]
+    threads = threading.active_count()
+    report = repair_by_reconstruction(original, pruned, origin, x, batch_size=20, cost=float("inf"))
+    for handle in counters:
+        handle.remove()
+    # every layer read all five chunks, yet each model ran each sample once, not once per layer
+    assert all(entry["samples"] == 96 for entry in report.values())
+    assert seen == {"original": 96 + 1, "pruned": 96}  # + the one sample that maps the original's layers
+    assert threading.active_count() == threads
+    assert not any(module._forward_pre_hooks for model in (original, pruned) for module in model.modules())
+
+
+def test_an_error_inside_the_pruned_model_reaches_the_caller_as_itself():
+    torch.manual_seed(6)
+    x = torch.randn(64, 256)
+    original, pruned, origin = _pruned_pair(Audio(), x)
+
+    def broken(*_):
+        raise KeyError("broken layer")
+    pruned.conv3.register_forward_pre_hook(broken)
+    threads = threading.active_count()
+    with pytest.raises(KeyError, match="broken layer"):
+        repair_by_reconstruction(original, pruned, origin, x, batch_size=16)
+    assert threading.active_count() == threads
+
+
+def test_too_many_chunks_are_refused_before_any_work():
+    model = Audio().eval()
+    with pytest.raises(ValueError, match=r"batch_size 1 cuts 300 calibration samples into more than 256 chunks.*"
+                                         r"use batch_size >= 2"):
+        repair_by_reconstruction(model, copy.deepcopy(model), {}, torch.randn(300, 256), batch_size=1)
+    with pytest.raises(ValueError, match="batch_size 1 cuts 300"):
+        compress(model, torch.randn(2, 256), calibration=torch.randn(300, 256), batch_size=1)
 
 
 def test_a_layer_over_the_cost_or_memory_allowance_gets_the_input_space_map():

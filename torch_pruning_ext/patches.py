@@ -69,15 +69,21 @@ def rows_to_weight(layer: nn.Module, rows: torch.Tensor) -> torch.Tensor:
     return rows.reshape(shape[0], shape[2], shape[3], shape[1]).permute(0, 3, 1, 2)
 
 
-def patch_rows(layer: nn.Module, x: torch.Tensor, picked: torch.Tensor | None = None) -> torch.Tensor:
+def patch_rows(layer: nn.Module, x: torch.Tensor, picked: torch.Tensor | None = None,
+               shift: torch.Tensor | None = None) -> torch.Tensor:
     """(positions, features): every patch the layer reads in `x` (samples as from samples_of), one row
     per output position of every sample, features in the order of weight_rows; with `picked` (indices
-    into those rows), only those rows, gathered without forming the others."""
+    into those rows), only those rows, gathered without forming the others. `shift` (one value per
+    input channel) is subtracted from the input after padding (padded positions read -shift too): on
+    the input, not on the kernel-times larger patches."""
     if isinstance(layer, nn.Linear):
         rows = x.reshape(-1, x.shape[-1])
-        return rows if picked is None else rows[picked]
+        rows = rows if picked is None else rows[picked]
+        return rows if shift is None else rows - shift
     kernel, stride, dilation = _geometry(layer)
-    padded = padded_input(layer, x).permute(0, 2, 3, 1).contiguous()  # N x H x W x C
+    padded = padded_input(layer, x)
+    padded = padded if shift is None else padded - shift.view(1, -1, 1, 1)
+    padded = padded.permute(0, 2, 3, 1).contiguous()  # N x H x W x C
     count, height, width, channels = padded.shape
     out_h, out_w = _output_size(layer, height, width)
     row, column = width * channels, channels
@@ -86,8 +92,14 @@ def patch_rows(layer: nn.Module, x: torch.Tensor, picked: torch.Tensor | None = 
                               dilation[0] * row, dilation[1] * column, 1))
     if picked is None:
         return view.reshape(count * out_h * out_w, -1)
+    # each picked row is kernel-many channel vectors of the input: gathered whole, by their row numbers in
+    # the (N*H*W) x C input
     sample, place = picked // (out_h * out_w), picked % (out_h * out_w)
-    return view[sample, place // out_w, place % out_w].reshape(len(picked), -1)
+    first = sample * (height * width) + (place // out_w) * (stride[0] * width) + (place % out_w) * stride[1]
+    taps = (torch.arange(kernel[0], device=x.device).view(-1, 1) * (dilation[0] * width)
+            + torch.arange(kernel[1], device=x.device) * dilation[1]).view(1, -1)
+    vectors = padded.view(-1, channels).index_select(0, (first.view(-1, 1) + taps).view(-1))
+    return vectors.view(len(picked), -1)
 
 
 def output_rows(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor, picked: torch.Tensor | None = None) -> torch.Tensor:
@@ -99,7 +111,7 @@ def output_rows(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor, picked:
         return patch_rows(layer, x, picked) @ weight_rows(layer, weight).t()
     if isinstance(layer, nn.Linear):
         return x.reshape(-1, x.shape[-1]) @ weight.t()
-    result = output_map(layer, padded_input(layer, x), weight)  # N x out x h x w
+    result = convolve(layer, x, weight)  # N x out x h x w
     return result.permute(0, 2, 3, 1).reshape(-1, result.shape[1])
 
 
@@ -168,3 +180,13 @@ def output_map(layer: nn.Module, padded: torch.Tensor, weight: torch.Tensor) -> 
     _, stride, dilation = _geometry(layer)
     weight = weight.unsqueeze(2) if isinstance(layer, nn.Conv1d) else weight
     return F.conv2d(padded, weight, stride=stride, dilation=dilation)
+
+
+def convolve(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """N x out x h x w: the layer's convolution (no bias) of its input `x` with `weight`; zero padding is
+    the convolution's own, as in the layer (no padded copy of the input)."""
+    if layer.padding_mode != "zeros":
+        return output_map(layer, padded_input(layer, x), weight)
+    if isinstance(layer, nn.Conv1d):
+        return F.conv1d(x, weight, stride=layer.stride, padding=layer.padding, dilation=layer.dilation).unsqueeze(2)
+    return F.conv2d(x, weight, stride=layer.stride, padding=layer.padding, dilation=layer.dilation)

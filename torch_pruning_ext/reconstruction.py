@@ -30,7 +30,7 @@ from .checks import check_choice
 from .groups import ROOT_TYPES, out_channels
 from .inputs import batch_length, map_tensors, run_model, take
 from .modes import as_fast_input, eval_mode, fast_layout
-from .patches import (PATCH_TYPES, lag_kernel, output_map, output_rows, padded_input, patch_cross, patch_gram,
+from .patches import (PATCH_TYPES, convolve, lag_kernel, output_map, output_rows, padded_input, patch_cross, patch_gram,
                       patch_rows, positions_per_sample, rows_to_weight, samples_of, weight_rows)
 
 RECONSTRUCT_RIDGE = 1e-3  # ridge lambda, relative to the mean diagonal of the pruned input's Gram matrix
@@ -122,6 +122,18 @@ def _channel_rows(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
     return x.transpose(0, 1).reshape(x.shape[1], -1)
 
 
+def _bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _channel_means(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Each input channel's mean over the padded input (padding included), repeated once per kernel
+    tap: one value per feature, in the order of the layer's weight rows."""
+    if isinstance(layer, nn.Linear):
+        return x.reshape(-1, x.shape[-1]).mean(0)
+    return padded_input(layer, x).mean((0, 2, 3)).repeat(layer.weight[0, 0].numel())
+
+
 def _steps(x: torch.Tensor, bytes_per_sample: int) -> list[slice]:
     step = max(1, _GRAM_CHUNK_BYTES // max(1, bytes_per_sample))
     return [slice(i, i + step) for i in range(0, len(x), step)]
@@ -183,6 +195,7 @@ class _OutputFit:
         self.weight, self.bias = _original_rows(original, rows)
         self.current = weight_rows(layer, layer.weight.detach()).clone()  # W0, kept while the layer changes
         self.size = self.current.shape[1]
+        self.channels = layer.weight.shape[1]  # input channels (or features) of the layer
         dim = self.size + int(intercept)
         self.gram = torch.zeros(dim, dim, dtype=torch.float64, device=self.current.device)
         self.cross = torch.zeros(dim, len(self.weight), dtype=torch.float64, device=self.current.device)
@@ -206,18 +219,24 @@ class _OutputFit:
                 positions = len(pruned_in[part]) * self.positions
                 picked = torch.randperm(positions, generator=self.generator)[:max(1, round(self.keep * positions))]
                 picked = picked.to(pruned_in.device)
-            a = patch_rows(self.layer, pruned_in[part], picked)  # positions x features
+            shift = None
+            if self.intercept:
+                # with an intercept, inputs may be measured from any offset: from their mean per channel in
+                # the first chunk, the float32 products keep their precision where inputs sit far from zero
+                # (e.g. after a ReLU and a BatchNorm shift), the solution no longer depends on how the
+                # products are split across threads, and the ridge scales with the inputs' spread, not
+                # their offset
+                if self.offset is None:
+                    self.offset = _channel_means(self.layer, pruned_in[part])
+                shift = self.offset[:self.channels]
+            a = patch_rows(self.layer, pruned_in[part], picked, shift)  # positions x features, from the offset
             target = output_rows(self.layer, original_in[part], target_weight, picked)  # positions x outputs
+            self.total += _squares(target)
+            if shift is not None:  # the residual is that of the inputs themselves: a + offset
+                target -= self.offset @ self.current.t()
             # products in the layer's precision over one chunk, sums over chunks in float64; the
             # intercept is a constant extra input (its rows of the Gram matrices are sums)
             residual = torch.addmm(target, a, self.current.t(), alpha=-1)
-            if self.intercept:
-                # with an intercept, inputs may be measured from any offset: from their mean in the first
-                # chunk, the float32 products keep their precision where inputs sit far from zero (e.g.
-                # after a ReLU and a BatchNorm shift), the solution no longer depends on how the products
-                # are split across threads, and the ridge scales with the inputs' spread, not their offset
-                self.offset = a.mean(0) if self.offset is None else self.offset
-                a = a.sub_(self.offset) if picked is not None else a - self.offset  # gathered rows are a copy
             size = self.size
             _add_lower_gram(self.gram[:size, :size], a)
             self.cross[:size] += (a.t() @ residual).double()
@@ -225,7 +244,6 @@ class _OutputFit:
                 self.gram[size, :size] += a.sum(0).double()
                 self.gram[size, size] += a.shape[0]
                 self.cross[size] += residual.sum(0).double()
-            self.total += _squares(target)
             self.before += _squares(residual)
         self.samples += len(pruned_in)
 
@@ -236,11 +254,11 @@ class _OutputFit:
         padded = padded_input(self.layer, pruned_in)
         shifted = padded
         if self.intercept:
-            if self.offset is None:  # (kernel tap, channel) order, as the weight rows
-                self.offset = padded.mean((0, 2, 3)).repeat(self.taps)
+            if self.offset is None:
+                self.offset = _channel_means(self.layer, pruned_in)
             # subtracted after padding: padded positions read -offset like every other
-            shifted = padded - self.offset[:self.size // self.taps].view(1, -1, 1, 1)
-        target = output_map(self.layer, padded_input(self.layer, original_in), target_weight)
+            shifted = padded - self.offset[:self.channels].view(1, -1, 1, 1)
+        target = convolve(self.layer, original_in, target_weight)
         residual = target - output_map(self.layer, padded, rows_to_weight(self.layer, self.current))
         gram, sums, positions = patch_gram(self.layer, shifted)
         size = self.size
@@ -572,8 +590,8 @@ def repair_by_reconstruction(original: nn.Module, pruned: nn.Module, channel_ori
                 if kind == "skip":
                     report[name] = {"mode": "skipped (grouped convolution)"}
                     continue
-                fit = None
-                for index in range(-(-samples // batch)):
+                fit, pending, needed = None, [], -(-samples // batch)
+                for index in range(needed):
                     if index == len(runs):
                         runs.append((_ChunkRun(pruned, pauses[1], layout.order, chunks[index], "pruned"),
                                      _ChunkRun(original, pauses[0], layout.order, chunks[index], "original")))
@@ -586,7 +604,11 @@ def repair_by_reconstruction(original: nn.Module, pruned: nn.Module, channel_ori
                     if wanted < batch_length(pruned_in):
                         pruned_in, original_in = pruned_in[:wanted], original_in[:wanted]
                     fit = fit or make(name, layers[name], kind, detail, pruned_in, original_in)
-                    fit.add(pruned_in, original_in)
+                    # small inputs (deep layers) of several chunks are added at once: fewer, larger products
+                    pending.append((pruned_in, original_in))
+                    if index == needed - 1 or sum(_bytes(pair) for pair in pending) >= _GRAM_CHUNK_BYTES:
+                        fit.add(*(torch.cat(side) if len(pending) > 1 else side[0] for side in zip(*pending)))
+                        pending = []
                     del pruned_in, original_in
                 report[name] = fit.apply()
         finally:
