@@ -69,8 +69,8 @@ def build_parser() -> OneLineParser:
         help="unlabelled images for --repair data/data_downstream/reconstruct (training images, or "
              "synthesised ones with --calibration synthetic)")
     add("--repair-batch-size", "--repair_batch_size", type=positive_int, default=None,
-        help="--repair reconstruct: run at most this many calibration images at once (less memory, one "
-             "more pass per layer that cannot be fitted in the first; default: all in one pass)")
+        help="--repair reconstruct: run the calibration images in chunks of this many (memory; still one "
+             "pass over them; default: 384)")
     add("--calibration", default="data", type=choice(CALIBRATIONS, "calibration"),
         help="where the data repairs' inputs come from: data = unlabelled training images; synthetic = no "
              "data at all, inputs synthesised from the checkpoint's BatchNorm statistics (minutes)")

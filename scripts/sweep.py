@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--repair-samples", type=int, default=REPAIR_SAMPLES,
         help="unlabelled images for the data repairs (training images, or synthesised ones)")
     add("--repair-batch-size", type=positive_int, default=None,
-        help="--repair reconstruct: at most this many calibration images at once (default: one pass)")
+        help="--repair reconstruct: calibration images per chunk of its one pass (default: 384)")
     add("--calibration", default="data", type=choice(CALIBRATIONS, "calibration"),
         help="data = unlabelled training images; synthetic = no data, inputs synthesised from each model's "
              "BatchNorm statistics (kept in RUN_DIR/synthetic/ so a resumed sweep does not redo them)")

@@ -407,8 +407,8 @@ def test_repair_batch_size_from_the_cli_names_its_rows(tiny_data, checkpoints, r
             "--output", tmp_path / "rows.csv"]
     assert run_main(*args)[0] == 0 and run_main(*args, "--repair-batch-size", 32)[0] == 0
     rows = {r["repair_batch_size"]: r for r in read_rows(tmp_path / "rows.csv") if r["method"] == "default"}
-    assert sorted(rows) == ["", "32"]  # one row each: a streamed reconstruction is its own setting
-    # the streamed passes refit from the same 96 images: the accuracy is that of one pass, near enough
+    assert sorted(rows) == ["", "32"]  # one row each: another chunk size is its own setting
+    # chunks of 32 refit from the same 96 images: the accuracy is that of one chunk, near enough
     assert abs(float(rows["32"]["accuracy"]) - float(rows[""]["accuracy"])) <= 5
 
 

@@ -199,8 +199,8 @@ def compress(model: nn.Module, example_inputs, sparsity: float = 0.5, method: st
     model called with token ids and without BatchNorm, sampled from the model itself
     (sample_calibration); summary.synthesis says how. Real calibration uses up to calibration_samples
     (default 1024) inputs.
-    The reconstruction runs all calibration inputs in one pass, or batch_size at a time (less
-    activation memory, more passes); a layer whose Gram matrices would exceed memory_budget bytes, or
+    The reconstruction runs the calibration inputs through both models once, in chunks of batch_size
+    (None: 384; activation memory is set by the chunk); a layer whose Gram matrices would exceed memory_budget bytes, or
     whose output-space fit would cost more than reconstruct_cost x its share of a forward pass
     (float("inf"): no bound), gets the cheaper input-space fit.
     Returns (compressed model, summary); the model is a copy unless inplace=True.

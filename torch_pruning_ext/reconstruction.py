@@ -8,13 +8,16 @@ over chunks) of at most RECONSTRUCT_POSITIONS_PER_FEATURE positions per weight c
 1-D kernel from lag correlations, without forming patches: patches.patch_gram), and may cost
 `cost` times its share of one forward pass; a layer whose output-space fit would cost more, or whose
 Gram matrices exceed `memory_budget`, gets the cheaper input-space channel map (reported with why).
-One pass: the calibration samples, shuffled, run in chunks (`batch_size`, 256 by default), each
-through both models in worker threads that pause before every layer. A layer reads the first samples
-of the stream, as many as its fit wants: the chunks holding them are brought to it, the layer is
-refitted, and those chunks later run on through the corrected layer. Every sample thus runs through
-each model once, and memory is set by one chunk's activations plus what chunks waiting at deeper
-layers hold: layers with many positions per sample (large, early activations) want few samples, deep
-layers with few positions want many samples but hold little each.
+One pass: the calibration samples, shuffled, run in chunks (`batch_size`, 384 by default), each
+through both models in worker threads that pause before every layer. A layer reads as many samples
+as its fit wants from the first chunks (of the last one a random part, drawn anew for each layer): those
+chunks are brought to it, the layer is refitted, and they later run on through the corrected layer.
+Every sample thus runs through each model once, and memory is set by one chunk's activations plus
+what chunks waiting at deeper layers hold: layers with many positions per sample (large, early
+activations) want few samples, deep layers with few positions want many samples but hold little
+each. Layers that fit the same images' errors one after the other do worse: VGG11-BN, Model Folding
+s=0.7, 91.36% with every early layer reading the same 256 samples, 91.41% / 91.47% / 91.58% with each
+reading its own 256 of a chunk of 384 / 512 / 1024 (the chunk sets memory: 384 by default).
 """
 from __future__ import annotations
 
@@ -43,7 +46,7 @@ RECONSTRUCT_MIN_SAMPLES = 256  # the positions are drawn from at least this many
 RECONSTRUCT_COST = 2.0  # a layer's output-space fit may cost this many times (its own multiply-adds on the
 #                         calibration set + an even share of the whole model's)
 _FREE_MACS = 2 ** 30  # an allowance of at least this (about 15 ms on two cores): small fits always fit
-RECONSTRUCT_BATCH = 256  # samples per chunk unless batch_size says otherwise
+RECONSTRUCT_BATCH = 384  # samples per chunk unless batch_size says otherwise
 MAX_CHUNKS = 256  # calibration samples run in at most this many chunks (two threads each)
 _GRAM_CHUNK_BYTES = 64 * 2 ** 20  # layer inputs (or patches) per accumulation step
 _GRAM_BLOCK = 512  # rows per block of the Gram matrix: only blocks on and below the diagonal are computed
@@ -536,10 +539,10 @@ def repair_by_reconstruction(original: nn.Module, pruned: nn.Module, channel_ori
     Layers are refitted in run order, each before it runs, so its corrected output feeds the next. The
     samples, shuffled, run in chunks of `batch_size` (None: RECONSTRUCT_BATCH), each chunk through both
     models in worker threads that pause before every layer; a layer is refitted from as many chunks as
-    the samples it reads, the later chunks then run on through it: every sample runs through each model
-    once, and memory is set by one chunk's activations plus what waiting chunks hold at deeper, smaller
-    layers. Depthwise convolutions get a scale and
-    shift per channel; other grouped convolutions and the layers in `skip` are left as they are.
+    the samples it reads (a random part of the last), the chunks then run on through it: every sample
+    runs through each model once, and memory is set by one chunk's activations plus what waiting chunks
+    hold at deeper, smaller layers. Depthwise convolutions get a scale and shift per channel; other grouped convolutions and
+    the layers in `skip` are left as they are.
     Returns, per layer, how it was refitted, how many samples it read and the fraction of its target's
     energy the fit explains (and, for a layer that fell back to the input space, why).
     """
@@ -600,9 +603,11 @@ def repair_by_reconstruction(original: nn.Module, pruned: nn.Module, channel_ori
                         last = index
                     pruned_run, original_run = runs[index]
                     pruned_in, original_in = pruned_run.input_of(name), original_run.input_of(name)
-                    wanted = samples - index * batch  # the last chunk a layer reads may be read in part
-                    if wanted < batch_length(pruned_in):
-                        pruned_in, original_in = pruned_in[:wanted], original_in[:wanted]
+                    wanted = samples - index * batch  # the last chunk a layer reads may be read in part:
+                    if wanted < batch_length(pruned_in):  # a random part, another for each layer
+                        part = torch.randperm(batch_length(pruned_in), generator=generator)[:wanted].sort().values
+                        part = part.to(pruned_in.device)
+                        pruned_in, original_in = pruned_in[part], original_in[part]
                     fit = fit or make(name, layers[name], kind, detail, pruned_in, original_in)
                     # small inputs (deep layers) of several chunks are added at once: fewer, larger products
                     pending.append((pruned_in, original_in))

@@ -68,7 +68,7 @@ class Settings:
     # where a data repair's unlabelled inputs come from: None = real training images (the default),
     # "synthetic" = synthesised from the model's BatchNorm statistics (no data at all)
     calibration: str | None = None
-    # reconstruct: at most this many calibration samples run at once (None = all in one pass)
+    # reconstruct: calibration samples per chunk of its one pass (None = the library's default, 384)
     repair_batch_size: int | None = None
 
     def __post_init__(self):
