@@ -118,7 +118,12 @@ def test_every_sample_runs_through_each_model_once_and_nothing_is_left_behind():
     x = torch.randn(96, 256)
     original, pruned, origin = _pruned_pair(Audio(), x)
     seen = {"original": 0, "pruned": 0}
-    counters = [model.conv1.register_forward_pre_hook(lambda _, args, key=key: seen.__setitem__(key, seen[key] + len(args[0])))
+
+    def counter(key):
+        def count(_, args):
+            seen[key] += len(args[0])
+        return count
+    counters = [model.conv1.register_forward_pre_hook(counter(key))
                 for key, model in (("original", original), ("pruned", pruned))]
     threads = threading.active_count()
     report = repair_by_reconstruction(original, pruned, origin, x, batch_size=20, cost=float("inf"))

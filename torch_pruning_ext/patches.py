@@ -102,7 +102,8 @@ def patch_rows(layer: nn.Module, x: torch.Tensor, picked: torch.Tensor | None = 
     return vectors.view(len(picked), -1)
 
 
-def output_rows(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor, picked: torch.Tensor | None = None) -> torch.Tensor:
+def output_rows(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor,
+                picked: torch.Tensor | None = None) -> torch.Tensor:
     """(positions, outputs): what the layer computes from `x` with `weight` (of the layer's weight
     shape) instead of its own, no bias, in the row order of patch_rows (only the rows `picked`, if
     given); all positions run as one (fast) convolution whose patches are never formed, a few picked

@@ -185,8 +185,8 @@ class _InputFit:
 class _OutputFit:
     """Output space: the weight W' (and bias) minimising |U' W'^T + b - U W^T|^2 + lambda |W' - W0|^2,
     U and U' the patches (one row per output position) the layer reads in the original and the pruned
-    model, at a random share of the positions of the samples it reads; W the original rows of the kept outputs (or their
-    fused mix), W0 the layer's weight as pruning and fusion left it. The ridge pulls towards W0, not
+    model, at a random share of the positions of the samples it reads; W the original rows of the kept
+    outputs (or their fused mix), W0 the layer's weight as pruning and fusion left it. The ridge pulls towards W0, not
     towards zero, and the fit is solved for the change W' - W0 from residuals, so a layer whose inputs
     did not change keeps its weights exactly. U W^T is one convolution of the original input (its
     patches are never formed)."""
@@ -541,8 +541,8 @@ def repair_by_reconstruction(original: nn.Module, pruned: nn.Module, channel_ori
     models in worker threads that pause before every layer; a layer is refitted from as many chunks as
     the samples it reads (a random part of the last), the chunks then run on through it: every sample
     runs through each model once, and memory is set by one chunk's activations plus what waiting chunks
-    hold at deeper, smaller layers. Depthwise convolutions get a scale and shift per channel; other grouped convolutions and
-    the layers in `skip` are left as they are.
+    hold at deeper, smaller layers. Depthwise convolutions get a scale and shift per channel; other
+    grouped convolutions and the layers in `skip` are left as they are.
     Returns, per layer, how it was refitted, how many samples it read and the fraction of its target's
     energy the fit explains (and, for a layer that fell back to the input space, why).
     """
