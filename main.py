@@ -24,13 +24,13 @@ from torch_pruning_ext.importance import CRITERIA, DATA_CRITERIA, THINET_SAMPLES
 from torch_pruning_ext.experiments.models import MODEL_BUILDERS
 from torch_pruning_ext.optimal_transport import PROBABILITIES, SOLVERS, TARGETS
 from torch_pruning_ext.experiments.protocol import (CALIBRATIONS, METHODS, REPAIR_SAMPLES, TAYLOR_BATCHES, Protocol,
-                                                    Settings, check_calibration, check_repair_batch_size, data_sizes,
-                                                    prepare, repair_images)
+                                                    Settings, check_calibration, check_repair_batch_size, check_schedule_flags,
+                                                    data_sizes, prepare, repair_images)
 from torch_pruning_ext.repair import DATA_MODES, REPAIR_MODES
 from torch_pruning_ext.files import check_writable_dir
 from torch_pruning_ext.experiments.results import check_results_file, format_table, write_rows
 from torch_pruning_ext.bn_folding import FOLD_MODES
-from torch_pruning_ext.compress import SCHEDULES, check_schedule
+from torch_pruning_ext.compress import SCHEDULES
 
 ROOT = Path(__file__).resolve().parent
 
@@ -116,7 +116,7 @@ def run(args) -> int:
     device = pick_device(args)
     sizes = {criterion: data_sizes(criterion, args.repair, args.taylor_batches, args.repair_samples,
                                    args.thinet_samples) for criterion in args.importance_criteria}
-    check_schedule(args.schedule, args.max_layer_sparsity)
+    check_schedule_flags(args.schedule, args.max_layer_sparsity)
     check_calibration(args.calibration, [args.repair], args.importance_criteria)
     check_repair_batch_size(args.repair_batch_size, [args.repair], args.repair_samples)
     output = check_results_file(args.output) if args.output else None

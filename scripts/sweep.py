@@ -18,7 +18,7 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from torch_pruning_ext.experiments.checkpoints import load_model, resolve_checkpoint  # noqa: E402
-from torch_pruning_ext.compress import SCHEDULES, check_schedule  # noqa: E402
+from torch_pruning_ext.compress import SCHEDULES  # noqa: E402
 from torch_pruning_ext.experiments.cli import (OneLineParser, choice, device, positive_int, run_cli,  # noqa: E402
                                              sparsity, synthesise_with_progress)
 from torch_pruning_ext.experiments.evaluation import EVAL_BATCH_SIZE  # noqa: E402
@@ -29,8 +29,8 @@ from torch_pruning_ext.importance import CRITERIA, DATA_CRITERIA, THINET_SAMPLES
 from torch_pruning_ext.experiments.models import MODEL_BUILDERS  # noqa: E402
 from torch_pruning_ext.experiments.protocol import (CALIBRATIONS, METHODS, REPAIR_SAMPLES, TAYLOR_BATCHES,  # noqa: E402
                                                     Protocol, Settings, cell_identity, check_calibration,
-                                                    check_data_sizes, check_repair_batch_size, data_sizes,
-                                                    prepare, repair_images)
+                                                    check_data_sizes, check_repair_batch_size, check_schedule_flags,
+                                                    data_sizes, prepare, repair_images)
 from torch_pruning_ext.repair import DATA_MODES, REPAIR_MODES  # noqa: E402
 from torch_pruning_ext.experiments.results import check_results_file, read_rows, row_key, write_rows  # noqa: E402
 
@@ -159,7 +159,7 @@ def sweep(args) -> int:
         raise ValueError(f"--checkpoint {unused[0]}=...: {unused[0]} is not in --models")
     check_data_sizes(taylor_batches=args.taylor_batches, repair_samples=args.repair_samples,
                      thinet_samples=args.thinet_samples)
-    check_schedule(args.schedule, args.max_layer_sparsity)
+    check_schedule_flags(args.schedule, args.max_layer_sparsity)
     check_calibration(args.calibration, args.repair, args.criteria)
     check_repair_batch_size(args.repair_batch_size, args.repair, args.repair_samples)
     index, count = args.shard or shard_from_environment()

@@ -178,6 +178,9 @@ def test_compress_reads_a_dataloader_and_rejects_bad_options(make_model):
         compress(model, example, 0.5, "fold", repair="reconstruct")
     with pytest.raises(ValueError, match="unknown schedule 'local'"):
         compress(model, example, 0.5, schedule="local")
+    with pytest.raises(ValueError, match=r"max_layer_sparsity=0.8 caps the global schedule only; the schedule is "
+                                         r"'uniform': pass schedule='global'$"):  # no command-line flag in the library
+        compress(model, example, 0.5, max_layer_sparsity=0.8)
     with pytest.raises(ValueError, match=r"sparsity must be a number in \[0, 1\), got 1.5"):
         compress(model, example, 1.5)
 

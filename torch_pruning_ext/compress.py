@@ -40,8 +40,8 @@ def check_schedule(schedule: str, max_layer_sparsity: float | None) -> float | N
     if max_layer_sparsity is None:
         return None
     if schedule != "global":
-        raise ValueError("--max-layer-sparsity caps the global schedule; add --schedule global "
-                         "(in compress(): max_layer_sparsity needs schedule='global')")
+        raise ValueError(f"max_layer_sparsity={max_layer_sparsity} caps the global schedule only; the schedule "
+                         f"is {schedule!r}: pass schedule='global'")
     return check_sparsity(max_layer_sparsity)
 
 

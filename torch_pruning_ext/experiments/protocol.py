@@ -144,6 +144,13 @@ def repair_images(pool, info, count: int, seed: int) -> torch.Tensor:
     return normalize(pool.images[order], info)
 
 
+def check_schedule_flags(schedule: str, max_layer_sparsity: float | None) -> None:
+    """Before any work: check_schedule, worded in the command line's flags."""
+    if max_layer_sparsity is not None and schedule != "global":
+        raise ValueError("--max-layer-sparsity caps the global schedule; add --schedule global")
+    check_schedule(schedule, max_layer_sparsity)
+
+
 def check_repair_batch_size(batch_size: int | None, repairs, samples: int | None = None) -> None:
     """Before any work: a reconstruction batch size is a positive integer, for a run that reconstructs
     (of `samples` calibration samples, if given: not cut into too many chunks)."""
