@@ -14,6 +14,7 @@ import torch_pruning as tp
 
 from .groups import out_channels, trace_graph
 from .checks import check_choice
+from .standard_layers import set_bias
 
 FOLD_MODES = ("exact", "reference")
 _FOLDABLE_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Linear)
@@ -61,10 +62,7 @@ def fold_batchnorm_into(layer: nn.Module, bn: nn.modules.batchnorm._BatchNorm, m
     layer.weight.mul_(scale.view(shape).to(layer.weight.dtype))
     old_bias = layer.bias if layer.bias is not None else torch.zeros_like(bn.running_mean)
     new_bias = (old_bias - bn.running_mean) * scale + beta
-    if layer.bias is None:
-        layer.bias = nn.Parameter(new_bias.to(layer.weight.dtype))
-    else:
-        layer.bias.copy_(new_bias)
+    set_bias(layer, new_bias)
     bn.running_mean.zero_()
     bn.running_var.fill_(1.0 - bn.eps if mode == "exact" else 1.0)
     if bn.affine:

@@ -35,6 +35,7 @@ from .inputs import batch_length, map_tensors, run_model, take
 from .modes import as_fast_input, eval_mode, fast_layout
 from .patches import (PATCH_TYPES, convolve, lag_kernel, output_map, output_rows, padded_input, patch_cross, patch_gram,
                       patch_rows, positions_per_sample, rows_to_weight, samples_of, weight_rows)
+from .standard_layers import set_bias
 
 RECONSTRUCT_RIDGE = 1e-3  # ridge lambda, relative to the mean diagonal of the pruned input's Gram matrix
 RECONSTRUCT_SPACES = ("output", "input")
@@ -112,10 +113,7 @@ def _set_parameters(layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor) 
     # a new tensor, not a copy into the old one: a weight tied to another module (an output head tied
     # to the input embedding) must not carry this layer's refit into that module
     layer.weight = nn.Parameter(weight.to(layer.weight.dtype), requires_grad=layer.weight.requires_grad)
-    if layer.bias is None:
-        layer.bias = nn.Parameter(bias.to(layer.weight.dtype))
-    else:
-        layer.bias.copy_(bias.to(layer.bias.dtype))
+    set_bias(layer, bias)
 
 
 def _channel_rows(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:

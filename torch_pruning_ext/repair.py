@@ -31,6 +31,7 @@ from .checks import check_choice
 from .groups import ROOT_TYPES, out_channels
 from .inputs import batch_length, run_model, take
 from .pruner import channel_origin
+from .standard_layers import set_bias
 from .reconstruction import RECONSTRUCT_COST, fused_row_maps, repair_by_reconstruction
 
 DATA_MODES = ("data", "data_downstream", "reconstruct")  # the modes that need unlabelled images
@@ -93,11 +94,7 @@ def apply_affine(layer: nn.Module, scale: torch.Tensor, shift: torch.Tensor) -> 
     shape = (-1,) + (1,) * (layer.weight.dim() - 1)
     layer.weight.mul_(scale.view(shape).to(layer.weight.dtype))
     bias = layer.bias if layer.bias is not None else torch.zeros(out_channels(layer), dtype=layer.weight.dtype)
-    new_bias = (bias.double() * scale + shift).to(layer.weight.dtype)
-    if layer.bias is None:
-        layer.bias = nn.Parameter(new_bias)
-    else:
-        layer.bias.copy_(new_bias)
+    set_bias(layer, (bias.double() * scale + shift).to(layer.weight.dtype))
 
 
 def _correction(mean_p, std_p, mean_o, std_o):

@@ -66,3 +66,12 @@ def retie(ties: list[list[tuple[nn.Module, str]]]) -> int:
                 setattr(module, name, first)
             restored += 1
     return restored
+
+
+@torch.no_grad()
+def set_bias(layer: nn.Module, values: torch.Tensor) -> None:
+    """Give a Conv/Linear layer the bias `values` (in its weight's dtype), creating one where it has none."""
+    if layer.bias is None:
+        layer.bias = nn.Parameter(values.to(layer.weight.dtype))
+    else:
+        layer.bias.copy_(values)
