@@ -200,9 +200,9 @@ def compress(model: nn.Module, example_inputs, sparsity: float = 0.5, method: st
     (sample_calibration); summary.synthesis says how. Real calibration uses up to calibration_samples
     (default 1024) inputs.
     The reconstruction runs the calibration inputs through both models once, in chunks of batch_size
-    (None: 384; activation memory is set by the chunk); a layer whose Gram matrices would exceed memory_budget bytes, or
-    whose output-space fit would cost more than reconstruct_cost x its share of a forward pass
-    (float("inf"): no bound), gets the cheaper input-space fit.
+    (None: 384; activation memory is set by the chunk); a layer whose Gram matrices would exceed
+    memory_budget bytes, or whose output-space fit would cost more than reconstruct_cost x its share of
+    a forward pass (float("inf"): no bound), gets the cheaper input-space fit.
     Returns (compressed model, summary); the model is a copy unless inplace=True.
     """
     check_method(method)
@@ -225,8 +225,8 @@ def compress(model: nn.Module, example_inputs, sparsity: float = 0.5, method: st
     batches = calibration_batches(calibration, samples) if calibration is not None else None
     images = _concatenated(batches) if batches else None
     if images is not None:
-        _check_inputs(model, images, "calibration", example_inputs)
         check_reconstruct_options(batch_size, samples=batch_length(images))
+        _check_inputs(model, images, "calibration", example_inputs)
     if repair is None:
         repair = "reconstruct" if images is not None else ("none" if method == "default" else "datafree")
     if repair in DATA_MODES and images is None:

@@ -184,10 +184,10 @@ class _OutputFit:
     """Output space: the weight W' (and bias) minimising |U' W'^T + b - U W^T|^2 + lambda |W' - W0|^2,
     U and U' the patches (one row per output position) the layer reads in the original and the pruned
     model, at a random share of the positions of the samples it reads; W the original rows of the kept
-    outputs (or their fused mix), W0 the layer's weight as pruning and fusion left it. The ridge pulls towards W0, not
-    towards zero, and the fit is solved for the change W' - W0 from residuals, so a layer whose inputs
-    did not change keeps its weights exactly. U W^T is one convolution of the original input (its
-    patches are never formed)."""
+    outputs (or their fused mix), W0 the layer's weight as pruning and fusion left it. The ridge pulls
+    towards W0, not towards zero, and the fit is solved for the change W' - W0 from residuals, so a
+    layer whose inputs did not change keeps its weights exactly. U W^T is one convolution of the
+    original input when every position is read, else the picked positions' patches times W."""
 
     def __init__(self, layer: nn.Module, original: nn.Module, rows: torch.Tensor, pruned_in: torch.Tensor,
                  ridge: float, intercept: bool, keep: float, generator):
